@@ -1,0 +1,333 @@
+"""The only module that knows the artifact's file layout: write, read, verify, inspect.
+
+The normative spec is ``formats/kvforge-artifact-v1.md``. The writer is strict
+and atomic; the reader trusts nothing and turns every failure into a
+:class:`~kvforge.errors.FormatError` (or a subclass).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError, IntegrityError, KvforgeError, UnsupportedVersionError
+from .ragged import CompressedKV
+
+FORMAT_NAME = "kvforge-artifact"
+FORMAT_VERSION = "1.0.0"
+READABLE_MAJORS = (1,)
+MANIFEST_KEY = "kvforge.manifest"
+MANIFEST_SHA_KEY = "kvforge.manifest_sha256"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32"}
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: its manifest (a plain dict, see the spec) and its ragged KV."""
+
+    manifest: dict
+    kv: CompressedKV
+    path: str = ""
+    file_bytes: int = 0
+
+    @property
+    def logical_length(self) -> int:
+        return int(self.manifest["document"]["logical_length"])
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Content digest of the tensors, independent of the container (spec section 4)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode() + b"\0" + _ST_NAMES[t.dtype].encode() + b"\0")
+        h.update(canonical_json(list(t.shape)).encode() + b"\0")
+        h.update(_raw_bytes(t))
+    return h.hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    # view as bytes without converting (bfloat16 has no numpy dtype)
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def kv_to_tensors(kv: CompressedKV, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = {"lengths": kv.lengths.to(torch.int32).contiguous()}
+    for layer in range(len(kv.keys)):
+        tensors[f"layer.{layer}.positions"] = kv.positions[layer].to(torch.int32).contiguous()
+        tensors[f"layer.{layer}.keys"] = kv.keys[layer].to(dtype).contiguous()
+        tensors[f"layer.{layer}.values"] = kv.values[layer].to(dtype).contiguous()
+        if kv.beta is not None:
+            tensors[f"layer.{layer}.beta"] = kv.beta[layer].to(torch.float32).contiguous()
+    return tensors
+
+
+def write(path: str | os.PathLike, manifest: dict, kv: CompressedKV) -> int:
+    """Write an artifact atomically; fills ``storage.has_beta`` and ``tensors_sha256``. Returns bytes written."""
+    from safetensors.torch import save
+
+    manifest = json.loads(canonical_json(manifest))  # a deep copy that is surely JSON
+    dtype = STORAGE_DTYPES[manifest["storage"]["dtype"]]
+    tensors = kv_to_tensors(kv, dtype)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise IntegrityError(f"refusing to write {path}: tensor {name} holds NaN or Inf")
+    manifest["storage"]["has_beta"] = kv.beta is not None
+    manifest["tensors_sha256"] = tensor_digest(tensors)
+    text = canonical_json(manifest)
+    _validate_manifest(manifest, str(path))  # the writer is as strict as the reader
+    metadata = {MANIFEST_KEY: text, MANIFEST_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    data = save(tensors, metadata=metadata)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # some filesystems cannot fsync a folder
+        pass
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return json.loads(resources.files("kvforge").joinpath("schema/artifact-v1.schema.json").read_text())
+
+
+def _validate_manifest(manifest: dict, where: str) -> None:
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        field = ".".join(str(p) for p in e.path) or "(manifest)"
+        raise FormatError(f"{where}: manifest field {field}: {e.message}")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """Read and check the header and manifest only. Returns (manifest, raw header, header end offset)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: {size} bytes is too short to be a kvforge artifact (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise FormatError(
+                    f"{path}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES} byte cap; "
+                    "the file is truncated or not a kvforge artifact"
+                )
+            raw = fh.read(n)
+    except IsADirectoryError as exc:
+        raise FormatError(f"{path}: is a folder, not a .kv artifact") from exc
+    except FileNotFoundError as exc:
+        raise FormatError(f"{path}: no such artifact") from exc
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{path}: the header is not valid UTF-8 JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the header is not a JSON object; the file is corrupt")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or MANIFEST_KEY not in meta:
+        raise FormatError(f"{path}: not a kvforge artifact (no {MANIFEST_KEY!r} in the safetensors metadata)")
+    text, digest = meta.get(MANIFEST_KEY), meta.get(MANIFEST_SHA_KEY)
+    if not isinstance(text, str) or not isinstance(digest, str):
+        raise FormatError(f"{path}: metadata {MANIFEST_KEY!r} / {MANIFEST_SHA_KEY!r} must be strings")
+    if hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != digest:
+        raise IntegrityError(f"{path}: the manifest does not match its sha256; the file is corrupt, rebuild it")
+    try:
+        manifest = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise FormatError(f"{path}: the manifest is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: field format: expected {FORMAT_NAME!r}, found {manifest.get('format') if isinstance(manifest, dict) else manifest!r}")
+    check_version(manifest.get("version"), str(path))
+    _validate_manifest(manifest, str(path))
+    return manifest, header, 8 + n
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def check_version(version, where: str) -> None:
+    parts = str(version).split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise FormatError(f"{where}: field version: expected MAJOR.MINOR.PATCH, found {version!r}")
+    if int(parts[0]) not in READABLE_MAJORS:
+        raise UnsupportedVersionError(
+            f"{where}: format version {version} is not supported; this kvforge reads "
+            f"{', '.join(f'{m}.x' for m in READABLE_MAJORS)}. Upgrade kvforge, or rebuild the artifact with this one"
+        )
+
+
+def read(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
+    """Load and check an artifact. ``verify=False`` skips only the tensor digest."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    manifest, header, _ = read_header(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    m = manifest["model"]
+    L, H, D = m["num_layers"], m["num_kv_heads"], m["head_dim"]
+    has_beta = manifest["storage"]["has_beta"]
+    expected = {"lengths"} | {f"layer.{l}.{k}" for l in range(L) for k in
+                              (("positions", "keys", "values", "beta") if has_beta else ("positions", "keys", "values"))}
+    found = set(header) - {"__metadata__"}
+    if found != expected:
+        missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
+        raise FormatError(f"{path}: tensor set does not match the manifest (missing {missing}, unexpected {extra})")
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, TypeError, AttributeError, RuntimeError, OverflowError, KeyError) as exc:
+        raise FormatError(f"{path}: the tensor data is unreadable ({type(exc).__name__}: {exc}); the file is corrupt") from exc
+    kv = _check_tensors(tensors, manifest, str(path))
+    if verify and tensor_digest(tensors) != manifest["tensors_sha256"]:
+        raise IntegrityError(f"{path}: tensor data does not match tensors_sha256; the file is corrupt, rebuild it")
+    return Artifact(manifest=manifest, kv=kv, path=str(path), file_bytes=len(data))
+
+
+def _check_tensors(tensors: dict, manifest: dict, where: str) -> CompressedKV:
+    m, doc, storage = manifest["model"], manifest["document"], manifest["storage"]
+    L, H, D, T = m["num_layers"], m["num_kv_heads"], m["head_dim"], doc["logical_length"]
+    dtype = STORAGE_DTYPES[storage["dtype"]]
+
+    def expect(name, want_dtype, shape):
+        t = tensors[name]
+        if t.dtype != want_dtype or tuple(t.shape) != tuple(shape):
+            raise FormatError(f"{where}: tensor {name}: expected {want_dtype} {tuple(shape)}, "
+                              f"found {t.dtype} {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise IntegrityError(f"{where}: tensor {name} holds NaN or Inf")
+        return t
+
+    lengths = expect("lengths", torch.int32, (L, H))
+    if bool((lengths < 0).any()) or bool((lengths > T).any()):
+        raise FormatError(f"{where}: tensor lengths: every entry must be in [0, {T}], found "
+                          f"[{int(lengths.min())}, {int(lengths.max())}]")
+    kept = int(lengths.sum())
+    comp = manifest["compression"]
+    if kept != comp["kept_entries"] or comp["total_entries"] != L * H * T:
+        raise FormatError(f"{where}: compression.kept_entries / total_entries disagree with the lengths tensor "
+                          f"({comp['kept_entries']}/{comp['total_entries']} vs {kept}/{L * H * T})")
+    positions, keys, values, beta = [], [], [], []
+    for layer in range(L):
+        n = int(lengths[layer].sum())
+        pos = expect(f"layer.{layer}.positions", torch.int32, (n,))
+        keys.append(expect(f"layer.{layer}.keys", dtype, (n, D)))
+        values.append(expect(f"layer.{layer}.values", dtype, (n, D)))
+        if storage["has_beta"]:
+            beta.append(expect(f"layer.{layer}.beta", torch.float32, (n,)))
+        if n:
+            if int(pos.min()) < 0 or int(pos.max()) >= T:
+                raise FormatError(f"{where}: tensor layer.{layer}.positions: positions must be in [0, {T})")
+            # strictly increasing inside each head: a drop is allowed only where a new head starts
+            starts = torch.zeros(n, dtype=torch.bool)
+            off = torch.cumsum(lengths[layer], 0)[:-1]
+            starts[off[off < n].long()] = True
+            ok = (pos[1:] > pos[:-1]) | starts[1:]
+            if not bool(ok.all()):
+                raise FormatError(f"{where}: tensor layer.{layer}.positions: not strictly increasing within a head")
+        positions.append(pos)
+    return CompressedKV(lengths=lengths, positions=positions, keys=keys, values=values,
+                        beta=beta if storage["has_beta"] else None)
+
+
+def kv_bytes(kv: CompressedKV) -> int:
+    """Bytes of the ragged tensors (keys, values, positions, beta, lengths) as held."""
+    total = kv.lengths.numel() * kv.lengths.element_size()
+    for group in (kv.keys, kv.values, kv.positions, kv.beta or []):
+        total += sum(t.numel() * t.element_size() for t in group)
+    return total
+
+
+def summarize(art: Artifact) -> dict:
+    """What ``kvforge inspect`` shows: the header plus kept counts per layer and head, and bytes."""
+    m = art.manifest
+    model, comp = m["model"], m["compression"]
+    L, H, D, T = model["num_layers"], model["num_kv_heads"], model["head_dim"], art.logical_length
+    fp16_full = L * 2 * H * D * 2 * T
+    return {
+        "path": art.path,
+        "format": f"{m['format']} {m['version']}",
+        "model": {k: model[k] for k in ("name", "architecture", "num_layers", "num_kv_heads", "head_dim")}
+        | {"weights_sha256": model["weights_sha256"][:16], "tokenizer_sha256": model["tokenizer_sha256"][:16]},
+        "document": m["document"],
+        "method": comp["method"],
+        "keep_requested": comp["keep_requested"],
+        "keep_achieved": comp["keep_achieved"],
+        "kept_entries": comp["kept_entries"],
+        "total_entries": comp["total_entries"],
+        "storage": m["storage"],
+        "artifact_bytes": art.file_bytes,
+        "bytes_per_token": art.file_bytes / T,
+        "fp16_full_cache_bytes": fp16_full,
+        "ratio_to_fp16_full": art.file_bytes / fp16_full,
+        "kept_per_layer_head": art.kv.lengths.tolist(),
+        "extra": comp.get("extra", {}),
+    }
+
+
+def guard(fn):
+    """Decorator for entry points: any non-kvforge exception from reading becomes a FormatError."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KvforgeError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError) as exc:
+            raise FormatError(f"{args[0] if args else ''}: unreadable artifact ({type(exc).__name__}: {exc})") from exc
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+read = guard(read)
+read_header = guard(read_header)

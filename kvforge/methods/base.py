@@ -1,0 +1,158 @@
+"""The central abstraction: a :class:`Compressor` turns a dense KV cache into a ragged one.
+
+A method is a small dataclass with one verb, ``compress(kv, budget, ctx)``.
+:class:`ScoredCompressor` narrows that to ``score(kv, ctx)`` and owns the
+selection: protected sink / recent tokens, then one top-k per layer over all
+(head, token) pairs, so that heads get different budgets.
+
+Methods serialize as ``{"name": ..., "config": {...}}`` (every dataclass field
+is config) and declare what they need through capability flags rather than
+being special-cased by the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..prefill import KV
+from ..ragged import CompressedKV
+
+
+@dataclass
+class Budget:
+    """How much to keep. ``keep`` is the fraction of (layer, head, token) entries kept.
+
+    Per-layer totals are ``round(keep * kv_heads * tokens)``; a later pilot
+    allocation may set ``layer_totals`` explicitly.
+    """
+
+    keep: float
+    layer_totals: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.keep <= 1.0):
+            raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+
+    def totals(self, layers: int, heads: int, tokens: int) -> list[int]:
+        if self.layer_totals is not None:
+            return [max(heads, min(heads * tokens, int(t))) for t in self.layer_totals]
+        per_layer = max(heads, min(heads * tokens, round(self.keep * heads * tokens)))
+        return [per_layer] * layers
+
+
+@dataclass
+class CompressionContext:
+    """What a method may use besides the KV cache.
+
+    model: the LoadedModel, for methods with ``needs_model``
+    seed:  for methods with randomness; the same seed gives the same output
+    """
+
+    model: object | None = None
+    seed: int = 0
+
+
+_REGISTRY: dict[str, type["Compressor"]] = {}
+
+
+def register(cls: type["Compressor"]) -> type["Compressor"]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> dict[str, str]:
+    """Registered method names with the first line of their docstring."""
+    return {name: (cls.__doc__ or "").strip().splitlines()[0] for name, cls in sorted(_REGISTRY.items())}
+
+
+def get_method(name: str, **config) -> "Compressor":
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name].from_dict({"name": name, "config": config})
+
+
+@dataclass
+class Compressor:
+    """Base class: ``compress(kv, budget, ctx) -> CompressedKV``."""
+
+    name: ClassVar[str] = ""
+    needs_model: ClassVar[bool] = False  # ctx.model must be set
+    needs_queries: ClassVar[bool] = False  # prefill must capture query samples
+    produces_beta: ClassVar[bool] = False  # output carries an attention bias
+
+    def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "config": dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Compressor":
+        name = data.get("name")
+        target = _REGISTRY.get(name) if cls is Compressor else cls
+        if target is None or target.name != name:
+            raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        fields = {f.name for f in dataclasses.fields(target)}
+        config = dict(data.get("config") or {})
+        unknown = set(config) - fields
+        if unknown:
+            raise ConfigError(f"method {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
+        try:
+            return target(**config)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"method {name!r}: invalid config {config}: {exc}") from exc
+
+
+def gather(kv: KV, keep_mask: torch.Tensor) -> CompressedKV:
+    """Build the ragged cache of the entries where ``keep_mask`` (L, H, T) is true."""
+    L, H, T, D = kv.shape
+    lengths = keep_mask.sum(dim=2).to(torch.int32)  # (L, H)
+    positions, keys, values = [], [], []
+    for layer in range(L):
+        head_idx, tok_idx = keep_mask[layer].nonzero(as_tuple=True)  # head-major, ascending tokens
+        positions.append(tok_idx.to(torch.int32))
+        keys.append(kv.keys[layer, head_idx, tok_idx])  # (N_l, D)
+        values.append(kv.values[layer, head_idx, tok_idx])
+    return CompressedKV(lengths=lengths, positions=positions, keys=keys, values=values)
+
+
+@dataclass
+class ScoredCompressor(Compressor):
+    """Keep, per layer, the top-scoring (head, token) entries plus protected tokens.
+
+    sink:   the first ``sink`` tokens of every head are always kept
+    recent: the last ``recent`` tokens of every head are always kept
+    """
+
+    sink: int = 4
+    recent: int = 8
+
+    def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
+        """Importance of every entry, (layers, kv_heads, tokens); higher is kept first."""
+        raise NotImplementedError
+
+    def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
+        L, H, T, _ = kv.shape
+        scores = self.score(kv, ctx).to(torch.float32).clone()  # (L, H, T)
+        if scores.shape != (L, H, T):
+            raise ValueError(f"{self.name}.score returned {tuple(scores.shape)}, expected {(L, H, T)}")
+        scores = torch.nan_to_num(scores, nan=-torch.inf)
+        protected = torch.zeros(T, dtype=torch.bool)
+        protected[: max(self.sink, 1)] = True  # at least one entry per head, always
+        if self.recent > 0:
+            protected[-self.recent:] = True
+        scores[:, :, protected] = torch.inf
+        keep_mask = torch.zeros(L, H, T, dtype=torch.bool)
+        for layer, total in enumerate(budget.totals(L, H, T)):
+            total = max(total, H * int(protected.sum()))
+            top = torch.topk(scores[layer].reshape(-1), k=min(total, H * T), sorted=False).indices
+            keep_mask[layer].view(-1)[top] = True
+        return gather(kv, keep_mask)

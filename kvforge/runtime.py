@@ -1,0 +1,240 @@
+"""Load an artifact and answer from it. Never imports the build side (``kvforge.methods``, ``build``).
+
+    doc = kvforge.load("out/json-module.kv")
+    doc.answer("Which function parses a JSON string?")
+    doc.logits(question, answer)     # (answer_tokens, vocab), teacher-forced
+    doc.cache()                      # a transformers Cache for model.generate
+
+Question tokens continue at the document's logical length, whatever the
+number of kept entries. Every question starts from the pristine document cache:
+what one question appends is dropped before the next.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from . import artifact as _artifact
+from .attention import RaggedCache, use_ragged_attention
+from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError, ResourceLimitError
+from .model import EMBEDDED, LoadedModel, Template, load_model
+
+IDENTITY_FIELDS = ("weights_sha256", "tokenizer_sha256", "architecture", "num_layers",
+                   "num_attention_heads", "num_kv_heads", "head_dim")
+
+
+@dataclass
+class AnswerStats:
+    """Timings and sizes of the last answer (``kvforge query --json``)."""
+
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    question_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Doc:
+    """A loaded artifact bound to its model."""
+
+    artifact: _artifact.Artifact
+    lm: LoadedModel
+    load_s: float = 0.0
+    last: AnswerStats = field(default_factory=AnswerStats)
+
+    def __post_init__(self) -> None:
+        use_ragged_attention(self.lm.model)
+        self._cache = RaggedCache(self.artifact.kv, self.logical_length,
+                                  compute_dtype=next(self.lm.model.parameters()).dtype)
+
+    # -- facts --------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict:
+        return self.artifact.manifest
+
+    @property
+    def logical_length(self) -> int:
+        return self.artifact.logical_length
+
+    @property
+    def template(self) -> Template:
+        t = self.manifest["template"]
+        return Template(t["doc_prefix"], t["question_prefix"], t["question_suffix"], t["bos_token_id"])
+
+    @property
+    def kept_entries(self) -> int:
+        return int(self.manifest["compression"]["kept_entries"])
+
+    @property
+    def kept_tokens(self) -> float:
+        """Kept entries per (layer, head): the physical length an average head holds."""
+        m = self.manifest["model"]
+        return self.kept_entries / (m["num_layers"] * m["num_kv_heads"])
+
+    def resident_kv_bytes(self) -> int:
+        """Bytes the loaded document cache holds (prefix as stored, plus any suffix)."""
+        return self._cache.resident_bytes()
+
+    # -- answering ----------------------------------------------------------------------------
+    def question_ids(self, question: str) -> list[int]:
+        ids = self.lm.encode_question(question, self.template)
+        if self.logical_length + len(ids) >= self.manifest["model"]["max_context"]:
+            raise ResourceLimitError(
+                f"the question ({len(ids)} tokens) does not fit after the document "
+                f"({self.logical_length} tokens) in the model's context of {self.manifest['model']['max_context']}"
+            )
+        return ids
+
+    def cache(self) -> RaggedCache:
+        """A fresh transformers ``Cache`` of this document (shares the read-only prefix tensors).
+
+        Use it with ``doc.generate_inputs(question)`` and ``model.generate``; batch size 1,
+        greedy or sampling, no beam search.
+        """
+        return RaggedCache(self.artifact.kv, self.logical_length,
+                           compute_dtype=next(self.lm.model.parameters()).dtype)
+
+    def generate_inputs(self, question: str) -> dict:
+        """Keyword arguments for ``model.generate``: ids padded to the logical length, and a fresh cache.
+
+        generate() takes ``input_ids`` as the whole sequence and feeds only the part past
+        the cache's length; the document part is placeholder ids that are never fed.
+        """
+        q = self.question_ids(question)
+        pad = self.lm.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        ids = torch.tensor([[pad] * self.logical_length + q], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache()}
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        """Feed ``ids`` after the current cache content; returns logits (len(ids), vocab)."""
+        start = self._cache.get_seq_length()
+        pos = torch.arange(start, start + len(ids)).unsqueeze(0)
+        out = self.lm.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, position_ids=pos,
+                            cache_position=pos[0], use_cache=True)
+        return out.logits[0].float()
+
+    def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[int]:
+        """Greedy decoding; yields answer token ids (the stop token is not yielded)."""
+        q = self.question_ids(question)
+        stats = AnswerStats(question_tokens=len(q))
+        self.last = stats
+        with self.lm.lock:
+            self._cache.reset()
+            try:
+                t0 = time.perf_counter()
+                logits = self._forward(q)[-1]
+                stats.ttft_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                for _ in range(max_new_tokens):
+                    token = int(torch.argmax(logits))
+                    if token in self.lm.stop_ids:
+                        break
+                    stats.new_tokens += 1
+                    stats.decode_s = time.perf_counter() - t1
+                    yield token
+                    if stats.new_tokens == max_new_tokens:
+                        break
+                    if self.logical_length + self._cache.suffix_length + 1 >= self.manifest["model"]["max_context"]:
+                        break
+                    logits = self._forward([token])[-1]
+                stats.decode_s = time.perf_counter() - t1
+            finally:
+                self._cache.reset()
+
+    def answer_ids(self, question: str, max_new_tokens: int = 64) -> list[int]:
+        return list(self.stream(question, max_new_tokens))
+
+    def answer(self, question: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None) -> str:
+        """Greedy answer to ``question``; ``on_text`` receives the text as it grows (streaming)."""
+        ids: list[int] = []
+        shown = ""
+        for token in self.stream(question, max_new_tokens):
+            ids.append(token)
+            if on_text is not None:
+                text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    on_text(text[len(shown):])
+                    shown = text
+        text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+        if on_text is not None and len(text) > len(shown):
+            on_text(text[len(shown):])
+        return text
+
+    def answer_token_ids(self, answer: str) -> list[int]:
+        """The tokens ``answer`` would produce for this text (no leading space added)."""
+        return list(self.lm.tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def logits(self, question: str, answer: str | list[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits over the answer's tokens: (answer_tokens, vocab).
+
+        Row i is the distribution that predicts answer token i, given the compressed
+        document, the question and answer tokens before i.
+        """
+        q = self.question_ids(question)
+        a = list(answer) if isinstance(answer, (list, tuple)) else self.answer_token_ids(answer)
+        if not a:
+            raise KvforgeError("the answer is empty: logits need at least one answer token")
+        with self.lm.lock:
+            self._cache.reset()
+            try:
+                out = self._forward(q + a[:-1])
+            finally:
+                self._cache.reset()
+        return out[len(q) - 1:]
+
+
+def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:
+    """Refuse an artifact built for another model, listing every field that differs."""
+    built, have = manifest["model"], lm.info.to_dict()
+    diffs = [f"{k}: artifact has {str(built.get(k))[:16]!s}, model has {str(have.get(k))[:16]!s}"
+             for k in IDENTITY_FIELDS if built.get(k) != have.get(k)]
+    if diffs:
+        raise IncompatibleModelError(
+            f"{where} was built for model {built.get('name')!r} ({built.get('source')}), "
+            f"not for the loaded {have['name']!r} ({have['source']}); differing fields: " + "; ".join(diffs)
+            + ". Pass --model with the model it was built for, or rebuild the artifact for this model"
+        )
+
+
+def resolve_model_for(manifest: dict, model) -> LoadedModel:
+    """The model to use: the one given, else the artifact's own source when it is here, else the default."""
+    if model is not None:
+        return load_model(model)
+    if os.environ.get("KVFORGE_MODEL"):
+        return load_model(None)
+    source = manifest["model"].get("source", "")
+    if source and source != EMBEDDED and os.path.isdir(source):
+        return load_model(source)
+    try:
+        return load_model(EMBEDDED if source == EMBEDDED else None)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"{exc} (the artifact was built for {manifest['model'].get('name')!r} "
+                                 f"from {source!r})") from exc
+
+
+def load(path: str | os.PathLike, model=None, *, verify: bool = True) -> Doc:
+    """Load an artifact, check it against its model, and return a :class:`Doc`.
+
+    ``model``: ``None`` (the artifact's own model if found, else ``$KVFORGE_MODEL`` or the embedded default),
+    a model directory, ``"embedded"``, or a loaded model from a previous call.
+    """
+    t0 = time.perf_counter()
+    manifest, _, _ = _artifact.read_header(path)  # cheap: refuse a wrong model before reading tensors
+    lm = resolve_model_for(manifest, model)
+    check_model(manifest, lm, str(path))
+    art = _artifact.read(path, verify=verify)
+    doc = Doc(artifact=art, lm=lm)
+    doc.load_s = time.perf_counter() - t0
+    return doc

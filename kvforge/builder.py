@@ -167,7 +167,7 @@ def build(sources, out, method: str | dict | Compressor = "knorm", keep: float =
             check_length(len(ids), lm.info.max_context, doc.path or doc.id)
         except KvforgeError as exc:
             if not skip_bad:
-                raise KvforgeError(f"{exc}; nothing was written") from exc
+                raise type(exc)(f"{exc}; nothing was written") from exc
             bad.append(exc)
             continue
         encoded[doc.id] = ids

@@ -116,12 +116,12 @@ class Doc:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache()}
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        """Feed ``ids`` after the current cache content; returns logits (len(ids), vocab)."""
+    def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Feed ``ids`` after the current cache content; logits (len(ids) or 1 if ``last_only``, vocab)."""
         start = self._cache.get_seq_length()
         pos = torch.arange(start, start + len(ids)).unsqueeze(0)
         out = self.lm.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, position_ids=pos,
-                            cache_position=pos[0], use_cache=True)
+                            cache_position=pos[0], use_cache=True, logits_to_keep=1 if last_only else 0)
         return out.logits[0].float()
 
     def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[int]:
@@ -133,7 +133,7 @@ class Doc:
             self._cache.reset()
             try:
                 t0 = time.perf_counter()
-                logits = self._forward(q)[-1]
+                logits = self._forward(q, last_only=True)[-1]
                 stats.ttft_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 for _ in range(max_new_tokens):
@@ -147,7 +147,7 @@ class Doc:
                         break
                     if self.logical_length + self._cache.suffix_length + 1 >= self.manifest["model"]["max_context"]:
                         break
-                    logits = self._forward([token])[-1]
+                    logits = self._forward([token], last_only=True)[-1]
                 stats.decode_s = time.perf_counter() - t1
             finally:
                 self._cache.reset()

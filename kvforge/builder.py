@@ -71,7 +71,7 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
     ids = input_ids if input_ids is not None else lm.encode_document(doc.text)
     check_length(len(ids), lm.info.max_context, doc.path or doc.id)
     compressor = Compressor.from_dict(config.method)
-    kv = prefill(lm.model, ids)
+    kv = prefill(lm.model, ids, queries=compressor.needs_queries, pre_rope_keys=compressor.needs_pre_rope_keys)
     L, H, T, _ = kv.shape
     budget = Budget(keep=config.keep)
     out = compressor.compress(kv, budget, CompressionContext(model=lm, seed=config.seed))

@@ -1,7 +1,8 @@
 """The only place that runs the model over a document.
 
 Returns the full KV cache of the document segment (template prefix + text) as
-dense tensors, the input to every compression method.
+dense tensors, the input to every compression method, and on request what
+query-aware scorers need: the post-RoPE queries and the pre-RoPE keys.
 """
 
 from __future__ import annotations
@@ -14,18 +15,23 @@ from .errors import ResourceLimitError
 
 # Tokens left free after a document for the question and the answer.
 QUESTION_RESERVE = 256
+CAPTURE_ATTN = "kvforge_capture"
 
 
 @dataclass
 class KV:
     """A dense KV cache of one document.
 
-    keys:   (layers, kv_heads, tokens, head_dim), post-RoPE, as the model caches them
-    values: (layers, kv_heads, tokens, head_dim)
+    keys:          (layers, kv_heads, tokens, head_dim), post-RoPE, as the model caches them
+    values:        (layers, kv_heads, tokens, head_dim)
+    queries:       None or (layers, q_heads, tokens, head_dim), post-RoPE, float16
+    keys_pre_rope: None or (layers, kv_heads, tokens, head_dim), the k_proj outputs
     """
 
     keys: torch.Tensor
     values: torch.Tensor
+    queries: torch.Tensor | None = None
+    keys_pre_rope: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -47,14 +53,61 @@ def check_length(n_tokens: int, max_context: int, where: str) -> None:
         )
 
 
+_captured: list | None = None
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention that also records the post-RoPE queries of the current prefill."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _captured is not None:
+        _captured.append(query[0].to(torch.float16))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_capture() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
+
+
 @torch.inference_mode()
-def prefill(model, input_ids: list[int]) -> KV:
-    """Run ``model`` over ``input_ids`` (one sequence) and return its full KV cache."""
+def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys: bool = False) -> KV:
+    """Run ``model`` over ``input_ids`` (one sequence) and return its full KV cache.
+
+    queries:       also return the post-RoPE queries of every layer (float16)
+    pre_rope_keys: also return the keys before RoPE (outputs of each layer's ``k_proj``)
+    """
+    global _captured
     from transformers import DynamicCache
 
     ids = torch.tensor([input_ids], dtype=torch.long)  # (1, T)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    hooks, pre_keys = [], []
+    saved_attn = model.config._attn_implementation
+    try:
+        if queries:
+            _register_capture()
+            model.set_attn_implementation(CAPTURE_ATTN)
+            _captured = []
+        if pre_rope_keys:
+            for layer in model.model.layers:
+                hooks.append(layer.self_attn.k_proj.register_forward_hook(
+                    lambda mod, inp, out: pre_keys.append(out[0])))
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        q = torch.stack(_captured) if queries else None  # (L, Hq, T, D)
+    finally:
+        _captured = None
+        for h in hooks:
+            h.remove()
+        if model.config._attn_implementation != saved_attn:
+            model.set_attn_implementation(saved_attn)
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (L, H, T, D)
     values = torch.stack([layer.values[0] for layer in cache.layers])
-    return KV(keys=keys, values=values)
+    kpre = None
+    if pre_rope_keys:
+        L, H, T, D = keys.shape
+        kpre = torch.stack([k.view(T, H, D).transpose(0, 1) for k in pre_keys])  # (L, H, T, D)
+    return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre)

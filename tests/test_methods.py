@@ -11,10 +11,13 @@ from kvforge.methods.base import _REGISTRY
 from kvforge.prefill import KV
 
 
-def random_kv(L=3, H=4, T=50, D=8, seed=0) -> KV:
+def random_kv(L=3, H=4, T=50, D=8, seed=0, group=2) -> KV:
+    """Random KV with everything a method may ask for (queries, pre-RoPE keys)."""
     g = torch.Generator().manual_seed(seed)
-    return KV(keys=torch.randn(L, H, T, D, generator=g) * torch.rand(L, H, 1, 1, generator=g) * 3,
-              values=torch.randn(L, H, T, D, generator=g))
+    keys = torch.randn(L, H, T, D, generator=g) * torch.rand(L, H, 1, 1, generator=g) * 3
+    return KV(keys=keys, values=torch.randn(L, H, T, D, generator=g),
+              queries=torch.randn(L, H * group, T, D, generator=g).half(),
+              keys_pre_rope=keys + 0.1 * torch.randn(L, H, T, D, generator=g))
 
 
 @pytest.fixture(params=sorted(_REGISTRY))

@@ -51,10 +51,12 @@ class CompressionContext:
 
     model: the LoadedModel, for methods with ``needs_model``
     seed:  for methods with randomness; the same seed gives the same output
+    keep:  the budget's keep, for scorers whose scores depend on it
     """
 
     model: object | None = None
     seed: int = 0
+    keep: float = 1.0
 
 
 _REGISTRY: dict[str, type["Compressor"]] = {}
@@ -85,7 +87,8 @@ class Compressor:
 
     name: ClassVar[str] = ""
     needs_model: ClassVar[bool] = False  # ctx.model must be set
-    needs_queries: ClassVar[bool] = False  # prefill must capture query samples
+    needs_queries: ClassVar[bool] = False  # prefill must capture the post-RoPE queries
+    needs_pre_rope_keys: ClassVar[bool] = False  # prefill must capture the keys before RoPE
     produces_beta: ClassVar[bool] = False  # output carries an attention bias
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
@@ -130,29 +133,48 @@ class ScoredCompressor(Compressor):
 
     sink:   the first ``sink`` tokens of every head are always kept
     recent: the last ``recent`` tokens of every head are always kept
+    scope:  "layer": one top-k per layer over its heads (every layer keeps the same share);
+            "global": one top-k over all layers and heads (layers get different shares too)
     """
 
     sink: int = 4
     recent: int = 8
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError("sink and recent must be >= 0")
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
         """Importance of every entry, (layers, kv_heads, tokens); higher is kept first."""
         raise NotImplementedError
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
-        L, H, T, _ = kv.shape
-        scores = self.score(kv, ctx).to(torch.float32).clone()  # (L, H, T)
-        if scores.shape != (L, H, T):
-            raise ValueError(f"{self.name}.score returned {tuple(scores.shape)}, expected {(L, H, T)}")
-        scores = torch.nan_to_num(scores, nan=-torch.inf)
+        scores = self.score(kv, dataclasses.replace(ctx, keep=budget.keep))
+        if tuple(scores.shape) != tuple(kv.shape[:3]):
+            raise ValueError(f"{self.name}.score returned {tuple(scores.shape)}, expected {tuple(kv.shape[:3])}")
+        return gather(kv, self.select(scores, budget))
+
+    def select(self, scores: torch.Tensor, budget: Budget) -> torch.Tensor:
+        """Keep mask (L, H, T) of the top ``budget`` entries of ``scores`` plus the protected tokens."""
+        L, H, T = scores.shape
+        scores = torch.nan_to_num(scores.to(torch.float32), nan=-torch.inf).clone()
         protected = torch.zeros(T, dtype=torch.bool)
         protected[: max(self.sink, 1)] = True  # at least one entry per head, always
         if self.recent > 0:
             protected[-self.recent:] = True
         scores[:, :, protected] = torch.inf
         keep_mask = torch.zeros(L, H, T, dtype=torch.bool)
-        for layer, total in enumerate(budget.totals(L, H, T)):
-            total = max(total, H * int(protected.sum()))
-            top = torch.topk(scores[layer].reshape(-1), k=min(total, H * T), sorted=False).indices
-            keep_mask[layer].view(-1)[top] = True
-        return gather(kv, keep_mask)
+        totals = budget.totals(L, H, T)
+        floor = H * int(protected.sum())
+        if self.scope == "global":
+            total = max(sum(totals), L * floor)
+            top = torch.topk(scores.reshape(-1), k=min(total, L * H * T), sorted=False).indices
+            keep_mask.view(-1)[top] = True
+        else:
+            for layer, total in enumerate(totals):
+                top = torch.topk(scores[layer].reshape(-1), k=min(max(total, floor), H * T), sorted=False).indices
+                keep_mask[layer].view(-1)[top] = True
+        return keep_mask

@@ -1,0 +1,127 @@
+"""``compactor``: approximate leverage scores blended with chunked non-causal attention.
+
+Chari & Van Durme 2025, "Compactor: Calibrated Query-Agnostic KV Cache
+Compression with Approximate Leverage Scores" (arXiv 2507.08143).
+
+Two question-independent signals per (layer, KV head, token):
+
+* **Leverage** of the token's key among the keys of its chunk: with X the
+  chunk's keys, centered over the chunk and right-multiplied by a Gaussian
+  sketch Φ (head_dim x sketch, scaled 1/sqrt(sketch)), the score is
+  ``x_i^T (X^T X + λI)^-1 x_i``, the diagonal of the hat matrix. A key that
+  points where no other key points scores high; a duplicated key shares its
+  direction with its twin and scores lower.
+* **Non-causal attention** inside chunks: every query of a chunk attends to
+  every key of the chunk (both directions); a key's score is the attention it
+  receives summed over the queries, averaged over the query heads of its
+  group, times its value norm, smoothed over 3 neighbours.
+
+Both are z-scored per layer over all its heads, blended as
+``blend * leverage + attention`` (``blend=None``: the fraction removed,
+``1 - keep``), and one top-k per layer (or over all layers) picks the entries:
+heads get different budgets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..prefill import KV
+from .base import CompressionContext, ScoredCompressor, register
+
+
+def _zscore_per_layer(x: torch.Tensor) -> torch.Tensor:
+    """(L, H, T) -> z-scored over each layer's (H, T)."""
+    mean = x.mean(dim=(1, 2), keepdim=True)
+    std = x.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+    return (x - mean) / std
+
+
+def _chunks(T: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of ``size``; a last chunk under half a chunk joins the previous one."""
+    bounds = list(range(0, T, size)) + [T]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < size // 2:
+        bounds.pop(-2)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def leverage_scores(keys: torch.Tensor, sketch: int, chunk: int, ridge: float, seed: int) -> torch.Tensor:
+    """Approximate leverage of every key within its chunk.
+
+    keys: (L, H, T, D) -> scores (L, H, T), each in [0, 1].
+    """
+    L, H, T, D = keys.shape
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(D, sketch, generator=g, dtype=torch.float32) / math.sqrt(sketch)  # (D, k)
+    out = torch.empty(L, H, T)
+    eye = torch.eye(sketch)
+    for a, b in _chunks(T, chunk):
+        x = keys[:, :, a:b].float()
+        x = (x - x.mean(dim=2, keepdim=True)) @ phi  # (L, H, c, k)
+        gram = x.transpose(-1, -2) @ x  # (L, H, k, k)
+        lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (L, H)
+        gram = gram + lam[..., None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):  # not positive definite even with the ridge: fall back to a pseudo-inverse
+            sol = torch.linalg.pinv(gram) @ x.transpose(-1, -2)
+        else:
+            sol = torch.cholesky_solve(x.transpose(-1, -2), chol)  # (L, H, k, c) = G^-1 X^T
+        out[:, :, a:b] = (x * sol.transpose(-1, -2)).sum(-1).clamp_min(0)
+    return out
+
+
+def chunked_attention_scores(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             chunk: int, smooth: int) -> torch.Tensor:
+    """Attention received by each key from the queries of its chunk, non-causally.
+
+    queries: (L, Hq, T, D) post-RoPE; keys, values: (L, H, T, D) -> scores (L, H, T).
+    """
+    L, Hq, T, D = queries.shape
+    H = keys.shape[1]
+    group = Hq // H
+    scale = D ** -0.5
+    out = torch.empty(L, H, T)
+    for a, b in _chunks(T, chunk):
+        q = queries[:, :, a:b].float().view(L, H, group, b - a, D)
+        k = keys[:, :, a:b].float().unsqueeze(2)  # (L, H, 1, c, D)
+        attn = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (L, H, G, c, c)
+        out[:, :, a:b] = attn.sum(dim=-2).mean(dim=2)  # column sums, averaged over the group
+    out = out * values.float().norm(dim=-1)
+    if smooth > 1:
+        out = F.avg_pool1d(out.view(L * H, 1, T), kernel_size=smooth, stride=1, padding=smooth // 2,
+                           count_include_pad=False).view(L, H, T)
+    return out
+
+
+@register
+@dataclass
+class Compactor(ScoredCompressor):
+    """Approximate leverage scores of keys blended with chunked non-causal attention (Compactor)."""
+
+    name = "compactor"
+    needs_queries = True
+    needs_pre_rope_keys = True
+
+    sink: int = 8
+    recent: int = 4
+    sketch: int = 48
+    leverage_chunk: int = 512
+    attention_chunk: int = 256
+    blend: float | None = None
+    ridge: float = 1e-2
+    pre_rope: bool = True
+    smooth: int = 3
+
+    def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
+        if kv.queries is None or (self.pre_rope and kv.keys_pre_rope is None):
+            raise ValueError("compactor needs the prefill's queries and pre-RoPE keys (KV.queries / keys_pre_rope)")
+        keys = kv.keys_pre_rope if self.pre_rope else kv.keys
+        lev = _zscore_per_layer(leverage_scores(keys, self.sketch, self.leverage_chunk, self.ridge, ctx.seed))
+        att = _zscore_per_layer(chunked_attention_scores(kv.queries, kv.keys, kv.values,
+                                                         self.attention_chunk, self.smooth))
+        blend = self.blend if self.blend is not None else 1.0 - ctx.keep
+        return blend * lev + att

@@ -173,5 +173,79 @@ def methods(as_json):
         click.echo(f"{name:12s} {doc}")
 
 
+def _csv(value: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: {exc}") from None
+
+
+@cli.command(name="eval")
+@click.option("--methods", default="knorm,compactor", show_default=True, help="kvforge methods, comma-separated")
+@click.option("--keep", "keeps", default="0.5,0.25,0.1", show_default=True, help="keep ratios, comma-separated")
+@click.option("--tasks", default=None, help="task kinds, comma-separated (default: all)")
+@click.option("--lengths", default="1024,2048", show_default=True, help="document lengths in tokens")
+@click.option("--samples", default=2, show_default=True, type=click.IntRange(1, 1000), help="samples per task kind and length")
+@click.option("--against", default="", help="'kvpress' for its five presses, or kvpress:Press1,Press2 (needs the bench extra)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 512))
+@click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for rows.jsonl, report.md, summary.json, plots")
+@click.option("--no-progress", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def eval_(methods, keeps, tasks, lengths, samples, against, seed, max_new_tokens, model, out, no_progress, as_json):
+    """Evaluate methods side by side on generated long-context tasks.
+
+    Every method (and the full cache, the ceiling) sees the same model, tasks
+    and prefill; the question is appended after compression. Reports accuracy,
+    KL to the full cache on question + answer tokens and on continuations,
+    bytes per token, build time and time to first token. Rows go to
+    OUT/rows.jsonl as they are made: rerun the same command to resume.
+    """
+    from pathlib import Path
+
+    from .eval import kvpress_adapter
+    from .eval.report import write_report
+    from .eval.runner import EvalConfig, run
+    from .eval.tasks import KINDS
+    from .model import load_model
+
+    presses: list[str] = []
+    if against:
+        name, _, listed = against.partition(":")
+        if name != "kvpress":
+            raise click.BadParameter(f"--against {against!r}: only kvpress is supported")
+        presses = _csv(listed) if listed else list(kvpress_adapter.PRESSES)
+        for p in presses:
+            kvpress_adapter.make_press(p, 0.5)  # fail early: kvpress missing or a press unknown
+    kinds = _csv(tasks) if tasks else list(KINDS)
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise click.BadParameter(f"unknown task kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    from .methods import get_method
+
+    method_names = _csv(methods)
+    for m in method_names:
+        get_method(m)
+    cfg = EvalConfig(methods=method_names, keeps=_csv(keeps, float), kinds=kinds, lengths=_csv(lengths, int),
+                     samples=samples, seed=seed, against=presses, max_new_tokens=max_new_tokens)
+    lm = load_model(model)
+    budgets: dict = {}
+
+    def keep_budget(task, method, keep, kv):
+        label = f"{method} keep {keep:g}"
+        if method != "full" and keep == min(cfg.keeps) and label not in budgets:
+            budgets[label] = kv.lengths.float().numpy()
+
+    out = Path(out)
+    rows = run(lm, cfg, out, progress=not no_progress and not as_json, on_kv=keep_budget)
+    summary = write_report(rows, out, budgets)
+    if as_json:
+        _emit_json(summary)
+    else:
+        click.echo((out / "report.md").read_text())
+        click.echo(f"rows: {out / 'rows.jsonl'}; plots: {', '.join(summary['plots']) or 'none (no matplotlib)'}")
+
+
 def main() -> None:
     cli(prog_name="kvforge")

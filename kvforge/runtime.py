@@ -176,23 +176,32 @@ class Doc:
         return list(self.lm.tokenizer(answer, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
-    def logits(self, question: str, answer: str | list[int]) -> torch.Tensor:
+    def logits(self, question: str, answer: str | list[int], *, include_question: bool = False) -> torch.Tensor:
         """Teacher-forced next-token logits over the answer's tokens: (answer_tokens, vocab).
 
         Row i is the distribution that predicts answer token i, given the compressed
-        document, the question and answer tokens before i.
+        document, the question and the answer tokens before i. ``answer`` is text or the
+        token ids ``answer_ids`` returned. ``include_question=True`` also returns the rows
+        that predict question tokens 1.. (question_tokens - 1 more rows, first).
         """
         q = self.question_ids(question)
         a = list(answer) if isinstance(answer, (list, tuple)) else self.answer_token_ids(answer)
         if not a:
             raise KvforgeError("the answer is empty: logits need at least one answer token")
+        out = self.continuation_logits(q + a)
+        return out[:-1] if include_question else out[len(q) - 1:-1]
+
+    @torch.inference_mode()
+    def continuation_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits after feeding ``ids`` right after the document: (len(ids), vocab); row i predicts ids[i + 1]."""
+        if self.logical_length + len(ids) > self.manifest["model"]["max_context"]:
+            raise ResourceLimitError(f"{len(ids)} tokens do not fit after the document in the model's context")
         with self.lm.lock:
             self._cache.reset()
             try:
-                out = self._forward(q + a[:-1])
+                return self._forward(list(ids))
             finally:
                 self._cache.reset()
-        return out[len(q) - 1:]
 
 
 def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:

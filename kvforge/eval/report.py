@@ -1,0 +1,116 @@
+"""Tables and plots from evaluation rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+NEAR_ZERO = 0.2  # a task kind the full cache scores below this is flagged, not averaged in
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per (method, keep): mean accuracy over reliable task kinds, per-kind accuracy, KLs, bytes, times."""
+    full_by_kind = defaultdict(list)
+    for r in rows:
+        if r["method"] == "full":
+            full_by_kind[r["kind"]].append(r["score"])
+    full_acc = {k: _mean(v) for k, v in full_by_kind.items()}
+    flagged = sorted(k for k, v in full_acc.items() if v < NEAR_ZERO)
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["keep"])].append(r)
+    table = []
+    for (method, keep), rs in sorted(groups.items(), key=lambda x: (x[0][0] != "full", x[0][0], -x[0][1])):
+        kinds = sorted({r["kind"] for r in rs})
+        per_kind = {k: _mean(r["score"] for r in rs if r["kind"] == k) for k in kinds}
+        table.append({
+            "method": method, "keep": keep, "n": len(rs),
+            "keep_achieved": _mean(r["keep_achieved"] for r in rs),
+            "accuracy": _mean(r["score"] for r in rs if r["kind"] not in flagged),
+            "needle_accuracy": _mean(r["score"] for r in rs if r["kind"].startswith("niah") and r["kind"] not in flagged),
+            "per_kind": per_kind,
+            "kl_qa": _mean(r["kl_qa"] for r in rs),
+            "kl_cont": _mean(r["kl_cont"] for r in rs),
+            "bytes_per_token": _mean(r["bytes_per_token"] for r in rs),
+            "build_s_per_1k": _mean(r["build_s_per_1k"] for r in rs),
+            "ttft_s": _mean(r["ttft_s"] for r in rs),
+        })
+    return {"full_accuracy_by_kind": full_acc, "flagged_kinds": flagged, "table": table}
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| method | keep | accuracy | needle acc. | KL q+a | KL cont. | bytes/token | build s/1k tok | TTFT ms | n |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for t in summary["table"]:
+        lines.append(f"| {t['method']} | {t['keep']:g} | {t['accuracy']:.3f} | {t['needle_accuracy']:.3f} | "
+                     f"{t['kl_qa']:.4f} | {t['kl_cont']:.4f} | {t['bytes_per_token']:.0f} | "
+                     f"{t['build_s_per_1k']:.2f} | {1000 * t['ttft_s']:.0f} | {t['n']} |")
+    kinds = sorted(summary["full_accuracy_by_kind"])
+    lines += ["", "Accuracy per task kind (full cache first; flagged kinds are left out of the averages above):", "",
+              "| method | keep | " + " | ".join(kinds) + " |", "| --- | ---: |" + " ---: |" * len(kinds)]
+    for t in summary["table"]:
+        lines.append(f"| {t['method']} | {t['keep']:g} | " +
+                     " | ".join(f"{t['per_kind'].get(k, float('nan')):.2f}" for k in kinds) + " |")
+    if summary["flagged_kinds"]:
+        lines += ["", f"Flagged (full cache below {NEAR_ZERO:.0%} on the model): {', '.join(summary['flagged_kinds'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict, out: Path, budgets: dict | None = None) -> list[str]:
+    """quality_vs_keep.png, and budgets_<method>.png heat maps of kept entries per (layer, head)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    by_method = defaultdict(list)
+    for t in summary["table"]:
+        if t["method"] != "full":
+            by_method[t["method"]].append(t)
+    full = next((t for t in summary["table"] if t["method"] == "full"), None)
+    for method, ts in sorted(by_method.items()):
+        ts = sorted(ts, key=lambda t: t["keep"])
+        axes[0].plot([t["keep"] for t in ts], [t["accuracy"] for t in ts], marker="o", label=method)
+        axes[1].plot([t["keep"] for t in ts], [max(t["kl_qa"], 1e-6) for t in ts], marker="o", label=method)
+    if full is not None:
+        axes[0].axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
+    axes[0].set(xlabel="keep", ylabel="accuracy", title="task accuracy vs keep")
+    axes[1].set(xlabel="keep", ylabel="KL(full || compressed), question + answer", yscale="log",
+                title="fidelity vs keep")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "quality_vs_keep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(str(path))
+    for name, grid in (budgets or {}).items():
+        fig, ax = plt.subplots(figsize=(4, 6))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set(xlabel="KV head", ylabel="layer", title=f"kept entries per head\n{name}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        safe = name.replace(":", "_").replace(" ", "_").replace("/", "_")
+        path = out / f"budgets_{safe}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path))
+    return made
+
+
+def write_report(rows: list[dict], out: Path, budgets: dict | None = None) -> dict:
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(markdown(summary))
+    summary["plots"] = plots(summary, out, budgets)
+    return summary

@@ -1,0 +1,163 @@
+"""Side-by-side evaluation: every method and keep on the same model, tasks and prefill.
+
+For each task the document is prefilled once (with queries and pre-RoPE keys,
+so every kvforge method can score it); the full cache answers first and its
+greedy answer becomes the teacher-forced reference. Then every configuration
+compresses, answers with kvforge's runtime (question appended after
+compression, at the logical position) and is compared with the full cache:
+
+* ``score``: the task's accuracy (fraction of expected answers in the output)
+* ``kl_qa``: mean KL(full || compressed) of the next-token distributions over the
+  question and the full cache's answer tokens, teacher-forced
+* ``kl_cont``: the same over real text that followed the document in its source
+* ``bytes_per_token``: artifact bytes (float16 keys / values, int32 positions) per document token
+* ``build_s_per_1k``: prefill + compression seconds per 1000 document tokens
+* ``ttft_s``: question prefill to first answer token, from the loaded cache
+
+Rows are appended to ``rows.jsonl`` as they are made: a killed run resumes
+where it stopped, and the seed reproduces every number.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifact import Artifact
+from ..methods import Budget, CompressionContext, Compressor, get_method
+from ..methods.base import gather
+from ..model import LoadedModel
+from ..prefill import KV, prefill
+from ..ragged import CompressedKV
+from ..runtime import Doc
+from .tasks import CONTINUATION_TOKENS, DEFAULT_KINDS, Task, generate
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: ["knorm", "compactor"])
+    keeps: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    samples: int = 2
+    seed: int = 0
+    against: list[str] = field(default_factory=list)  # kvpress press names
+    max_new_tokens: int = 24
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(p || q), both given as logits (rows, vocab)."""
+    p = torch.log_softmax(p_logits.float(), dim=-1)
+    q = torch.log_softmax(q_logits.float(), dim=-1)
+    return float((p.exp() * (p - q)).sum(dim=-1).clamp_min(0).mean())
+
+
+def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:
+    """Bytes an artifact holds for this KV: keys and values in the storage dtype, int32 positions and lengths."""
+    d = kv.keys[0].shape[-1]
+    beta = 4 * kv.kept if kv.beta is not None else 0
+    return kv.kept * (2 * d * storage_bytes + 4) + beta + 4 * kv.lengths.numel()
+
+
+def in_memory_doc(lm: LoadedModel, kv: CompressedKV, logical_length: int, label: dict) -> Doc:
+    """A :class:`Doc` over a KV that was never written: same runtime, same answers as from a file."""
+    total = lm.info.num_layers * lm.info.num_kv_heads * logical_length
+    manifest = {
+        "model": lm.info.to_dict(),
+        "document": {"id": "eval", "logical_length": logical_length},
+        "template": lm.template.to_dict(),
+        "compression": {"kept_entries": kv.kept, "total_entries": total, "keep_achieved": kv.kept / total,
+                        "method": label},
+    }
+    return Doc(artifact=Artifact(manifest=manifest, kv=kv), lm=lm)
+
+
+def _row_key(task_id: str, method: str, keep: float) -> str:
+    return f"{task_id}|{method}|{keep:g}"
+
+
+def _configs(cfg: EvalConfig) -> list[tuple[str, float]]:
+    out = [("full", 1.0)]
+    for m in cfg.methods:
+        if m != "full":
+            out += [(m, k) for k in cfg.keeps]
+    out += [(f"kvpress:{p}", k) for p in cfg.against for k in cfg.keeps]
+    return out
+
+
+def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
+        on_kv=None) -> list[dict]:
+    """Run (or resume) the evaluation; returns all rows, old and new.
+
+    on_kv: optional callback (task, method, keep, CompressedKV) for plots of budgets.
+    """
+    from tqdm.auto import tqdm
+
+    from . import kvpress_adapter
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] \
+        if rows_path.exists() else []
+    done = {_row_key(r["task"], r["method"], r["keep"]) for r in rows}
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    tasks = generate(lm.tokenizer, cfg.kinds, cfg.lengths, cfg.samples, cfg.seed)
+    configs = _configs(cfg)
+    compressors: dict[str, Compressor] = {m: get_method(m) for m in cfg.methods if m != "full"}
+    needs_q = any(c.needs_queries for c in compressors.values())
+    needs_pre = any(c.needs_pre_rope_keys for c in compressors.values())
+    bar = tqdm(total=len(tasks) * len(configs), desc="eval", unit="run", disable=not progress)
+    bar.update(sum(_row_key(t.id, m, k) in done for t in tasks for m, k in configs))
+    with open(rows_path, "a") as sink:
+        for task in tasks:
+            todo = [(m, k) for m, k in configs if _row_key(task.id, m, k) not in done]
+            if not todo:
+                continue
+            ids = lm.encode_document(task.context)
+            T = len(ids)
+            t0 = time.perf_counter()
+            kv = prefill(lm.model, ids, queries=needs_q, pre_rope_keys=needs_pre)
+            prefill_s = time.perf_counter() - t0
+            full_kv = gather(KV(kv.keys, kv.values), torch.ones(kv.shape[:3], dtype=torch.bool))
+            full = in_memory_doc(lm, full_kv, T, {"name": "full"})
+            ref_answer = full.answer_ids(task.question, cfg.max_new_tokens) or [lm.tokenizer.eos_token_id or 0]
+            ref_qa = full.logits(task.question, ref_answer, include_question=True)
+            cont_ids = lm.tokenizer(task.continuation, add_special_tokens=False)["input_ids"][:CONTINUATION_TOKENS]
+            ref_cont = full.continuation_logits(cont_ids) if len(cont_ids) > 1 else None
+            for method, keep in todo:
+                t1 = time.perf_counter()
+                if method == "full":
+                    ckv, build_s = full_kv, prefill_s
+                elif method.startswith("kvpress:"):
+                    ckv, build_s = kvpress_adapter.press_prefill(lm.model, ids, method.split(":", 1)[1], keep)
+                else:
+                    ckv = compressors[method].compress(kv, Budget(keep), CompressionContext(model=lm, seed=cfg.seed))
+                    build_s = prefill_s + time.perf_counter() - t1
+                if on_kv is not None:
+                    on_kv(task, method, keep, ckv)
+                doc = full if method == "full" else in_memory_doc(lm, ckv, T, {"name": method})
+                answer = lm.tokenizer.decode(doc.answer_ids(task.question, cfg.max_new_tokens),
+                                             skip_special_tokens=True)
+                row = {
+                    "task": task.id, "kind": task.kind, "target_length": int(task.id.split("-")[-3]),
+                    "length": T, "method": method, "keep": keep,
+                    "keep_achieved": ckv.kept / (ckv.lengths.numel() * T),
+                    "score": task.score(answer),
+                    "kl_qa": kl_divergence(ref_qa, doc.logits(task.question, ref_answer, include_question=True)),
+                    "kl_cont": kl_divergence(ref_cont, doc.continuation_logits(cont_ids)) if ref_cont is not None
+                    else None,
+                    "bytes_per_token": stored_bytes(ckv) / T,
+                    "build_s_per_1k": 1000 * build_s / T,
+                    "ttft_s": doc.last.ttft_s,
+                    "answer": answer, "expected": task.answers,
+                }
+                rows.append(row)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                bar.update(1)
+    bar.close()
+    return rows

@@ -93,11 +93,29 @@ def write(path: str | os.PathLike, manifest: dict, kv: CompressedKV) -> int:
     manifest["storage"]["has_beta"] = kv.beta is not None
     manifest["tensors_sha256"] = tensor_digest(tensors)
     text = canonical_json(manifest)
-    _validate_manifest(manifest, str(path))  # the writer is as strict as the reader
+    # the writer is as strict as the reader: the same schema and the same tensor checks
+    _validate_manifest(manifest, str(path))
+    check_version(manifest.get("version"), str(path))
+    _check_tensors(tensors, manifest, f"refusing to write {path}")
     metadata = {MANIFEST_KEY: text, MANIFEST_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    data = save(tensors, metadata=metadata)
+    data = _sorted_metadata(save(tensors, metadata=metadata))
     atomic_write_bytes(Path(path), data)
     return len(data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """Re-serialize the safetensors header with ``__metadata__`` keys sorted (spec section 2).
+
+    safetensors keeps its metadata in a hash map, so its key order changes from call
+    to call; the spec pins it so that the same input always gives the same bytes.
+    The tensor entries and the data section are left exactly as they are.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -105,6 +123,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact is a normal file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -126,15 +145,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @lru_cache(maxsize=1)
 def _schema() -> dict:
     return json.loads(resources.files("kvforge").joinpath("schema/artifact-v1.schema.json").read_text())
 
 
-def _validate_manifest(manifest: dict, where: str) -> None:
+@lru_cache(maxsize=1)
+def _validator():
     import jsonschema
 
-    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(manifest), key=lambda e: list(e.path))
+    base = jsonschema.Draft202012Validator
+    # JSON Schema counts 2.0 as an integer; the spec does not: counts and sizes are written as integers
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(_schema())
+
+
+def _validate_manifest(manifest: dict, where: str) -> None:
+    errors = sorted(_validator().iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         field = ".".join(str(p) for p in e.path) or "(manifest)"
@@ -172,6 +206,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or MANIFEST_KEY not in meta:
         raise FormatError(f"{path}: not a kvforge artifact (no {MANIFEST_KEY!r} in the safetensors metadata)")
+    if set(meta) != {MANIFEST_KEY, MANIFEST_SHA_KEY}:
+        extra = sorted(set(meta) - {MANIFEST_KEY, MANIFEST_SHA_KEY})[:3]
+        raise FormatError(f"{path}: unexpected safetensors metadata keys {extra} (or {MANIFEST_SHA_KEY!r} is "
+                          "missing); the file was altered or not written by kvforge")
     text, digest = meta.get(MANIFEST_KEY), meta.get(MANIFEST_SHA_KEY)
     if not isinstance(text, str) or not isinstance(digest, str):
         raise FormatError(f"{path}: metadata {MANIFEST_KEY!r} / {MANIFEST_SHA_KEY!r} must be strings")
@@ -256,6 +294,9 @@ def _check_tensors(tensors: dict, manifest: dict, where: str) -> CompressedKV:
     if kept != comp["kept_entries"] or comp["total_entries"] != L * H * T:
         raise FormatError(f"{where}: compression.kept_entries / total_entries disagree with the lengths tensor "
                           f"({comp['kept_entries']}/{comp['total_entries']} vs {kept}/{L * H * T})")
+    if abs(comp["keep_achieved"] - kept / (L * H * T)) > 1e-9:
+        raise FormatError(f"{where}: compression.keep_achieved is {comp['keep_achieved']}, but the lengths tensor "
+                          f"keeps {kept}/{L * H * T} = {kept / (L * H * T)}")
     positions, keys, values, beta = [], [], [], []
     for layer in range(L):
         n = int(lengths[layer].sum())

@@ -56,13 +56,13 @@ def check_length(n_tokens: int, max_context: int, where: str) -> None:
 _captured: list | None = None
 
 
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
     """SDPA attention that also records the post-RoPE queries of the current prefill."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _captured is not None:
         _captured.append(query[0].to(torch.float16))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 def _register_capture() -> None:

@@ -107,10 +107,10 @@ def test_needle_found_after_compression(real_lm, tmp_path):
     cut = hay.index(". ", len(hay) // 2) + 2
     text = hay[:cut] + "The secret access code for the vault is 7319. " + hay[cut:]
     (tmp_path / "needle.txt").write_text(text)
-    kvforge.build([tmp_path / "needle.txt"], tmp_path / "out", method="knorm", keep=0.75, model=real_lm,
+    kvforge.build([tmp_path / "needle.txt"], tmp_path / "out", method="compactor", keep=0.5, model=real_lm,
                   progress=False)
     doc = kvforge.load(tmp_path / "out" / "needle.kv", model=real_lm)
-    assert doc.manifest["compression"]["keep_achieved"] == pytest.approx(0.75, abs=0.01)
+    assert doc.manifest["compression"]["keep_achieved"] == pytest.approx(0.5, abs=0.01)
     assert "7319" in doc.answer("What is the secret access code for the vault?", max_new_tokens=24)
 
 

@@ -134,7 +134,8 @@ class ScoredCompressor(Compressor):
     sink:   the first ``sink`` tokens of every head are always kept
     recent: the last ``recent`` tokens of every head are always kept
     scope:  "layer": one top-k per layer over its heads (every layer keeps the same share);
-            "global": one top-k over all layers and heads (layers get different shares too)
+            "global": one top-k over all layers and heads (layers get different shares too);
+            "head": one top-k per head (uniform budgets, as kvpress's ScorerPress)
     """
 
     sink: int = 4
@@ -142,8 +143,8 @@ class ScoredCompressor(Compressor):
     scope: str = "layer"
 
     def __post_init__(self) -> None:
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.scope not in ("layer", "global", "head"):
+            raise ValueError(f"scope must be 'layer', 'global' or 'head', got {self.scope!r}")
         if self.sink < 0 or self.recent < 0:
             raise ValueError("sink and recent must be >= 0")
 
@@ -173,6 +174,11 @@ class ScoredCompressor(Compressor):
             total = max(sum(totals), L * floor)
             top = torch.topk(scores.reshape(-1), k=min(total, L * H * T), sorted=False).indices
             keep_mask.view(-1)[top] = True
+        elif self.scope == "head":
+            for layer, total in enumerate(totals):
+                k = min(max(total // H, floor // H), T)
+                top = torch.topk(scores[layer], k=k, dim=-1, sorted=False).indices  # (H, k)
+                keep_mask[layer].scatter_(1, top, True)
         else:
             for layer, total in enumerate(totals):
                 top = torch.topk(scores[layer].reshape(-1), k=min(max(total, floor), H * T), sorted=False).indices

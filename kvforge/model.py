@@ -267,11 +267,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _model_class(config):
+def _model_class(architectures: list[str]):
     """The concrete CausalLM class named by the config (faster to import than the Auto factory)."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
+    for arch in architectures or []:
         cls = getattr(transformers, arch, None)
         if cls is not None and arch.endswith("ForCausalLM"):
             return cls
@@ -289,13 +289,19 @@ def _load_directory(directory: Path, *, name: str, source: str) -> LoadedModel:
         )
     _quiet_transformers()
     import torch
-    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(directory)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = _model_class(config).from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
-    except (OSError, ValueError, KeyError) as exc:
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+        # the Auto factories import every model family's code (about a second of a cold start):
+        # take the concrete classes when the directory names them
+        if (directory / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast as tokenizer_class
+        else:
+            from transformers import AutoTokenizer as tokenizer_class
+        tokenizer = tokenizer_class.from_pretrained(directory)
+        model = _model_class(architectures).from_pretrained(directory, dtype=torch.float32,
+                                                            attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise ModelNotFoundError(f"could not load the model in {directory}: {exc}") from exc
     model.eval()
     cfg = model.config

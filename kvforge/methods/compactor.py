@@ -115,13 +115,24 @@ class Compactor(ScoredCompressor):
     ridge: float = 1e-2
     pre_rope: bool = True
     smooth: int = 3
+    exclude_protected: bool = True
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
         if kv.queries is None or (self.pre_rope and kv.keys_pre_rope is None):
             raise ValueError("compactor needs the prefill's queries and pre-RoPE keys (KV.queries / keys_pre_rope)")
+        L, H, T, _ = kv.shape
+        # The protected sink and tail tokens are kept anyway; scoring them would only
+        # distort the others: the attention sink takes most of the softmax mass of
+        # its chunk, and its outlier key takes a direction of the leverage Gram.
+        a, b = (min(self.sink, T), max(min(self.sink, T), T - self.recent)) if self.exclude_protected else (0, T)
+        scores = torch.full((L, H, T), torch.inf)
+        if b - a < 2:
+            return scores
         keys = kv.keys_pre_rope if self.pre_rope else kv.keys
-        lev = _zscore_per_layer(leverage_scores(keys, self.sketch, self.leverage_chunk, self.ridge, ctx.seed))
-        att = _zscore_per_layer(chunked_attention_scores(kv.queries, kv.keys, kv.values,
-                                                         self.attention_chunk, self.smooth))
+        lev = _zscore_per_layer(leverage_scores(keys[:, :, a:b], self.sketch, self.leverage_chunk, self.ridge,
+                                                ctx.seed))
+        att = _zscore_per_layer(chunked_attention_scores(kv.queries[:, :, a:b], kv.keys[:, :, a:b],
+                                                         kv.values[:, :, a:b], self.attention_chunk, self.smooth))
         blend = self.blend if self.blend is not None else 1.0 - ctx.keep
-        return blend * lev + att
+        scores[:, :, a:b] = blend * lev + att
+        return scores

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import artifact as _artifact
+from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
 from .corpus import Document, load_corpus
 from .errors import ConfigError, FormatError, KvforgeError
 from .methods import Budget, CompressionContext, Compressor, get_method
@@ -36,13 +37,18 @@ class BuildConfig:
     """Everything that decides an artifact's content besides the model and the document."""
 
     method: dict = field(default_factory=lambda: {"name": "knorm", "config": {}})
-    keep: float = 0.5
+    keep: float | str = 0.5  # a fraction in (0, 1], or "auto": calibrated per document
     dtype: str = "float16"
     seed: int = 0
+    tolerance: float | None = None  # with keep "auto": the largest proxy KL accepted
+
+    @property
+    def auto(self) -> bool:
+        return self.keep == "auto"
 
     @staticmethod
-    def make(method: str | dict | Compressor = "knorm", keep: float = 0.5, dtype: str = "float16",
-             seed: int = 0) -> "BuildConfig":
+    def make(method: str | dict | Compressor = "knorm", keep: float | str = 0.5, dtype: str = "float16",
+             seed: int = 0, tolerance: float | None = None) -> "BuildConfig":
         if isinstance(method, Compressor):
             m = method.to_dict()
         elif isinstance(method, dict):
@@ -50,16 +56,28 @@ class BuildConfig:
         else:
             m = get_method(method).to_dict()
         if m["name"] == "full":
-            keep = 1.0
-        try:
-            keep = float(keep)
-        except (TypeError, ValueError):
-            raise ConfigError(f"keep must be a number in (0, 1], got {keep!r}") from None
-        if not 0.0 < keep <= 1.0:
-            raise ConfigError(f"keep must be in (0, 1], got {keep}")
+            keep, tolerance = 1.0, None
+        if isinstance(keep, str) and keep.strip().lower() == "auto":
+            keep = "auto"
+            tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+            try:
+                tolerance = float(tolerance)
+            except (TypeError, ValueError):
+                raise ConfigError(f"tolerance must be a number > 0, got {tolerance!r}") from None
+            if not tolerance > 0 or tolerance == float("inf"):
+                raise ConfigError(f"tolerance must be a finite number > 0 (mean KL in nats per token), got {tolerance}")
+        else:
+            if tolerance is not None:
+                raise ConfigError("--tolerance applies to --keep auto only; drop it or pass --keep auto")
+            try:
+                keep = float(keep)
+            except (TypeError, ValueError):
+                raise ConfigError(f"keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
+            if not 0.0 < keep <= 1.0:
+                raise ConfigError(f"keep must be in (0, 1] or 'auto', got {keep}")
         if dtype not in _artifact.STORAGE_DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_artifact.STORAGE_DTYPES)}, got {dtype!r}")
-        return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed))
+        return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance)
 
     def digest(self) -> str:
         return hashlib.sha256(_artifact.canonical_json(asdict(self)).encode()).hexdigest()
@@ -73,8 +91,14 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
     compressor = Compressor.from_dict(config.method)
     kv = prefill(lm.model, ids, queries=compressor.needs_queries, pre_rope_keys=compressor.needs_pre_rope_keys)
     L, H, T, _ = kv.shape
-    budget = Budget(keep=config.keep)
-    out = compressor.compress(kv, budget, CompressionContext(model=lm, seed=config.seed))
+    ctx = CompressionContext(model=lm, seed=config.seed)
+    extra = {}
+    if config.auto:
+        keep, out, record = calibrate(lm, ids, kv, compressor, ctx, CalibrationConfig(tolerance=config.tolerance))
+        extra["calibration"] = record.to_dict()
+    else:
+        keep = config.keep
+        out = compressor.compress(kv, Budget(keep=keep), ctx)
     total = L * H * T
     manifest = {
         "format": _artifact.FORMAT_NAME,
@@ -85,12 +109,12 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
         "template": lm.template.to_dict(),
         "compression": {
             "method": compressor.to_dict(),
-            "keep_requested": config.keep,
+            "keep_requested": keep,
             "keep_achieved": out.kept / total,
             "kept_entries": out.kept,
             "total_entries": total,
             "seed": config.seed,
-            "extra": {},
+            "extra": extra,
         },
         "storage": {"dtype": config.dtype, "quantization": "none", "has_beta": out.beta is not None},
         "tensors_sha256": "0" * 64,  # filled by the writer
@@ -143,20 +167,22 @@ def _is_current(entry: dict | None, doc: Document, config: BuildConfig, lm: Load
     return manifest["document"]["sha256"] == doc.sha256 and path.stat().st_size == entry.get("bytes")
 
 
-def build(sources, out, method: str | dict | Compressor = "knorm", keep: float = 0.5, model=None, *,
-          dtype: str = "float16", seed: int = 0, skip_bad: bool = False, force: bool = False,
-          progress: bool = True) -> BuildReport:
+def build(sources, out, method: str | dict | Compressor = "knorm", keep: float | str = 0.5, model=None, *,
+          dtype: str = "float16", seed: int = 0, tolerance: float | None = None, skip_bad: bool = False,
+          force: bool = False, progress: bool = True) -> BuildReport:
     """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``.
 
     sources: files (.txt / .md) and folders. All documents are read and checked before
     anything is written; a rerun skips documents whose text, config and model are unchanged.
+    keep: a fraction in (0, 1], or ``"auto"``: per document, the smallest keep whose
+    recall proxy stays within ``tolerance`` (see :mod:`kvforge.calibrate`).
     """
     from tqdm.auto import tqdm
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     t_start = time.perf_counter()
-    config = BuildConfig.make(method, keep, dtype, seed)
+    config = BuildConfig.make(method, keep, dtype, seed, tolerance)
     docs, bad = load_corpus(sources, skip_bad=skip_bad)
     lm = load_model(model)
     # tokenize and check every length first: a too-long document stops the build before any write
@@ -199,7 +225,7 @@ def build(sources, out, method: str | dict | Compressor = "knorm", keep: float =
                 "logical_tokens": manifest["document"]["logical_length"],
                 "kept_entries": comp["kept_entries"],
                 "kept_tokens_per_head": comp["kept_entries"] / (lm.info.num_layers * lm.info.num_kv_heads),
-                "keep_requested": comp["keep_requested"],
+                "keep_requested": "auto" if config.auto else comp["keep_requested"],
                 "keep_achieved": comp["keep_achieved"],
                 "bytes": nbytes,
                 "method": comp["method"],
@@ -209,6 +235,8 @@ def build(sources, out, method: str | dict | Compressor = "knorm", keep: float =
                 "model_weights_sha256": lm.info.weights_sha256,
                 "build_seconds": round(time.perf_counter() - t0, 3),
             }
+            if "calibration" in comp["extra"]:
+                library[doc.id]["calibration"] = comp["extra"]["calibration"]
             _write_library(out, library)  # after every document: a killed build resumes from here
             built.append(doc.id)
             bar_docs.update(1)

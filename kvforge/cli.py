@@ -50,7 +50,12 @@ def cli():
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="output folder for .kv files and library.json")
 @click.option("--method", default="knorm", show_default=True, help="compression method (see `kvforge methods`)")
-@click.option("--keep", default=0.5, show_default=True, type=float, help="fraction of (layer, head, token) entries to keep, in (0, 1]")
+@click.option("--keep", default="0.5", show_default=True,
+              help="fraction of (layer, head, token) entries to keep, in (0, 1]; or 'auto': per document, the "
+                   "smallest keep whose recall of the document stays within --tolerance of the full cache")
+@click.option("--tolerance", default=None, type=float,
+              help="with --keep auto: the largest mean KL (nats per token) on recall probes accepted "
+                   "[default: 0.1]; smaller keeps more")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]), help="storage dtype of keys and values")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed for methods with randomness")
@@ -58,7 +63,7 @@ def cli():
 @click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of a summary")
 @click.option("--no-progress", is_flag=True, help="hide progress bars")
-def build(sources, out, method, keep, model, dtype, seed, skip_bad, force, as_json, no_progress):
+def build(sources, out, method, keep, tolerance, model, dtype, seed, skip_bad, force, as_json, no_progress):
     """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json.
 
     Every document is read and checked first: an empty, binary, non-UTF-8 or
@@ -69,7 +74,8 @@ def build(sources, out, method, keep, model, dtype, seed, skip_bad, force, as_js
     from .builder import build as run_build
 
     report = run_build(list(sources), out, method=method, keep=keep, model=model, dtype=dtype, seed=seed,
-                       skip_bad=skip_bad, force=force, progress=not no_progress and not as_json)
+                       tolerance=tolerance, skip_bad=skip_bad, force=force,
+                       progress=not no_progress and not as_json)
     if as_json:
         _emit_json(report.to_dict())
         return
@@ -80,6 +86,23 @@ def build(sources, out, method, keep, model, dtype, seed, skip_bad, force, as_js
                    f"{e['bytes'] / 1024:.0f} KiB -> {report.out}/{e['file']}")
     click.echo(f"built {len(report.built)}, up to date {len(report.skipped)}, "
                f"refused {len(report.errors)} in {report.seconds:.1f} s")
+    chosen = sorted(e["keep_achieved"] for e in report.entries if e.get("calibration"))
+    if chosen:
+        click.echo(_keep_distribution(chosen, report.entries[0]["calibration"]["tolerance"]))
+
+
+def _keep_distribution(keeps: list[float], tolerance: float) -> str:
+    """A one-screen summary of the keeps --keep auto chose: quantiles and a histogram."""
+    n = len(keeps)
+    q = lambda f: keeps[min(n - 1, int(f * n))]  # noqa: E731
+    lines = [f"calibrated keep (tolerance {tolerance:g}) over {n} document(s): mean {sum(keeps) / n:.3f}, "
+             f"min {keeps[0]:.3f}, median {q(0.5):.3f}, max {keeps[-1]:.3f}"]
+    edges = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0001]
+    for a, b in zip(edges[:-1], edges[1:]):
+        c = sum(a <= k < b for k in keeps)
+        if c:
+            lines.append(f"  keep {a:.1f}-{min(b, 1.0):.1f} {'#' * max(1, round(30 * c / n))} {c}")
+    return "\n".join(lines)
 
 
 @cli.command()

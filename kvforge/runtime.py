@@ -56,6 +56,19 @@ class Doc:
         self._cache = RaggedCache(self.artifact.kv, self.logical_length,
                                   compute_dtype=next(self.lm.model.parameters()).dtype)
 
+    @classmethod
+    def from_kv(cls, lm: LoadedModel, kv, logical_length: int, method: dict | None = None) -> "Doc":
+        """A Doc over a KV that was never written (calibration, evaluation): same runtime, same answers."""
+        total = lm.info.num_layers * lm.info.num_kv_heads * logical_length
+        manifest = {
+            "model": lm.info.to_dict(),
+            "document": {"id": "in-memory", "logical_length": logical_length},
+            "template": lm.template.to_dict(),
+            "compression": {"kept_entries": kv.kept, "total_entries": total, "keep_achieved": kv.kept / total,
+                            "method": method or {}},
+        }
+        return cls(artifact=_artifact.Artifact(manifest=manifest, kv=kv), lm=lm)
+
     # -- facts --------------------------------------------------------------------------------
     @property
     def manifest(self) -> dict:

@@ -65,15 +65,7 @@ def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:
 
 def in_memory_doc(lm: LoadedModel, kv: CompressedKV, logical_length: int, label: dict) -> Doc:
     """A :class:`Doc` over a KV that was never written: same runtime, same answers as from a file."""
-    total = lm.info.num_layers * lm.info.num_kv_heads * logical_length
-    manifest = {
-        "model": lm.info.to_dict(),
-        "document": {"id": "eval", "logical_length": logical_length},
-        "template": lm.template.to_dict(),
-        "compression": {"kept_entries": kv.kept, "total_entries": total, "keep_achieved": kv.kept / total,
-                        "method": label},
-    }
-    return Doc(artifact=Artifact(manifest=manifest, kv=kv), lm=lm)
+    return Doc.from_kv(lm, kv, logical_length, label)
 
 
 def _row_key(task_id: str, method: str, keep: float) -> str:

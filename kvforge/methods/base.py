@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -94,6 +94,14 @@ class Compressor:
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
         raise NotImplementedError
 
+    def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
+        """A function budget -> compressed KV for one prefill, sharing the work budgets have in common.
+
+        Calibration calls it for several candidate keeps; methods that score once
+        (:class:`ScoredCompressor`) only repeat the selection.
+        """
+        return lambda budget: self.compress(kv, budget, dataclasses.replace(ctx, keep=budget.keep))
+
     def to_dict(self) -> dict:
         return {"name": self.name, "config": dataclasses.asdict(self)}
 
@@ -152,11 +160,28 @@ class ScoredCompressor(Compressor):
         """Importance of every entry, (layers, kv_heads, tokens); higher is kept first."""
         raise NotImplementedError
 
+    def scorer(self, kv: KV, ctx: CompressionContext) -> Callable[[float], torch.Tensor]:
+        """Scores as a function of keep, with the expensive part computed once.
+
+        The default scores once; a method whose scores depend on the keep (a blend
+        weight, say) overrides this to compute its parts once and combine per keep.
+        """
+        scores = self.score(kv, ctx)
+        return lambda keep: scores
+
+    def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
+        scorer = self.scorer(kv, ctx)
+
+        def compress_at(budget: Budget) -> CompressedKV:
+            scores = scorer(budget.keep)
+            if tuple(scores.shape) != tuple(kv.shape[:3]):
+                raise ValueError(f"{self.name} scores have shape {tuple(scores.shape)}, expected {tuple(kv.shape[:3])}")
+            return gather(kv, self.select(scores, budget))
+
+        return compress_at
+
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
-        scores = self.score(kv, dataclasses.replace(ctx, keep=budget.keep))
-        if tuple(scores.shape) != tuple(kv.shape[:3]):
-            raise ValueError(f"{self.name}.score returned {tuple(scores.shape)}, expected {tuple(kv.shape[:3])}")
-        return gather(kv, self.select(scores, budget))
+        return self.prepare(kv, dataclasses.replace(ctx, keep=budget.keep))(budget)
 
     def select(self, scores: torch.Tensor, budget: Budget) -> torch.Tensor:
         """Keep mask (L, H, T) of the top ``budget`` entries of ``scores`` plus the protected tokens."""

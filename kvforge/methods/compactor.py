@@ -118,6 +118,10 @@ class Compactor(ScoredCompressor):
     exclude_protected: bool = True
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
+        return self.scorer(kv, ctx)(ctx.keep)
+
+    def scorer(self, kv: KV, ctx: CompressionContext):
+        """Leverage and attention computed once; the blend weight depends on the keep."""
         if kv.queries is None or (self.pre_rope and kv.keys_pre_rope is None):
             raise ValueError("compactor needs the prefill's queries and pre-RoPE keys (KV.queries / keys_pre_rope)")
         L, H, T, _ = kv.shape
@@ -125,14 +129,18 @@ class Compactor(ScoredCompressor):
         # distort the others: the attention sink takes most of the softmax mass of
         # its chunk, and its outlier key takes a direction of the leverage Gram.
         a, b = (min(self.sink, T), max(min(self.sink, T), T - self.recent)) if self.exclude_protected else (0, T)
-        scores = torch.full((L, H, T), torch.inf)
         if b - a < 2:
-            return scores
+            return lambda keep: torch.full((L, H, T), torch.inf)
         keys = kv.keys_pre_rope if self.pre_rope else kv.keys
         lev = _zscore_per_layer(leverage_scores(keys[:, :, a:b], self.sketch, self.leverage_chunk, self.ridge,
-                                                ctx.seed))
+                                                ctx.seed))  # (L, H, b - a)
         att = _zscore_per_layer(chunked_attention_scores(kv.queries[:, :, a:b], kv.keys[:, :, a:b],
                                                          kv.values[:, :, a:b], self.attention_chunk, self.smooth))
-        blend = self.blend if self.blend is not None else 1.0 - ctx.keep
-        scores[:, :, a:b] = blend * lev + att
-        return scores
+
+        def at(keep: float) -> torch.Tensor:
+            blend = self.blend if self.blend is not None else 1.0 - keep
+            scores = torch.full((L, H, T), torch.inf)
+            scores[:, :, a:b] = blend * lev + att
+            return scores
+
+        return at

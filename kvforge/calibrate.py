@@ -1,0 +1,143 @@
+"""Context-calibrated keep: the smallest keep whose quality proxy stays within a tolerance.
+
+Query-agnostic and document-only. The proxy asks the model to recall the
+document: ``probes`` passages are spread evenly over it; each probe is a
+question turn that quotes a short cue from the passage ("Quote the text that
+follows ...") and, teacher-forced, the passage's next ``target`` tokens as the
+answer. The proxy value of a candidate cache is the mean KL(full || candidate)
+over those answer tokens: how much the model's recall of this document moves
+when the cache is compressed. A redundant document (boilerplate, repetition)
+keeps recall at a small keep; a dense one (many distinct facts) needs more.
+
+Cost: one prefill and one scoring pass, shared by all candidates
+(``Compressor.prepare``); per candidate only the selection and ``probes``
+short forwards over the ragged cache. Candidates are searched by bisection on
+a grid (the proxy falls as the keep grows), so about log2(len(grid)) of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .methods import Budget, CompressionContext, Compressor
+from .methods.base import gather
+from .model import LoadedModel
+from .prefill import KV
+from .ragged import CompressedKV
+from .runtime import Doc
+
+GRID = (0.05, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)
+DEFAULT_TOLERANCE = 0.1
+
+
+@dataclass
+class CalibrationConfig:
+    """How ``--keep auto`` searches. ``tolerance``: the largest mean KL (nats/token) accepted."""
+
+    tolerance: float = DEFAULT_TOLERANCE
+    grid: tuple[float, ...] = GRID
+    probes: int = 6
+    cue: int = 12
+    target: int = 24
+
+
+@dataclass
+class Calibration:
+    """The outcome, recorded in the artifact (``compression.extra.calibration``) and the manifest."""
+
+    tolerance: float
+    keep: float
+    proxy: str
+    probes: int
+    probe_tokens: int
+    trace: list[dict] = field(default_factory=list)  # [{"keep", "kl", "top1"}] in search order
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_probes(lm: LoadedModel, ids: list[int], cfg: CalibrationConfig) -> list[tuple[list[int], list[int]]]:
+    """(question ids, answer ids) pairs: a cue from the document and the tokens that follow it.
+
+    ids: the document's token ids as prefilled (template prefix + text).
+    """
+    start = len(lm.encode_document(""))
+    body = len(ids) - start
+    span = cfg.cue + cfg.target
+    if body < span:
+        return []
+    n = max(1, min(cfg.probes, body // span))
+    # evenly spread starts over the body, the last one ending at its end
+    starts = [start + round(i * (body - span) / max(1, n - 1)) for i in range(n)] if n > 1 else [start]
+    probes = []
+    for s in starts:
+        cue = lm.tokenizer.decode(ids[s:s + cfg.cue], skip_special_tokens=True).strip()
+        q = lm.encode_question(f'Quote the text that follows "{cue}" in the document above.')
+        probes.append((q, list(ids[s + cfg.cue:s + span])))
+    return probes
+
+
+@torch.inference_mode()
+def _probe_logits(doc: Doc, probes) -> list[torch.Tensor]:
+    """Per probe: the logits that predict its answer tokens, (target, vocab)."""
+    return [doc.continuation_logits(q + a)[len(q) - 1:-1] for q, a in probes]
+
+
+def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean KL(ref || got) per token and top-1 agreement, over all probe tokens."""
+    kls, agree, n = 0.0, 0, 0
+    for p, q in zip(ref, got):
+        lp, lq = torch.log_softmax(p.float(), -1), torch.log_softmax(q.float(), -1)
+        kls += float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        n += p.shape[0]
+    return kls / max(n, 1), agree / max(n, 1)
+
+
+def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, ctx: CompressionContext,
+              cfg: CalibrationConfig | None = None) -> tuple[float, CompressedKV, Calibration]:
+    """Choose the keep for one document; returns (keep, its compressed KV, the record).
+
+    kv: the document's prefill (L, H, T, D), with whatever the compressor needs captured.
+    """
+    cfg = cfg or CalibrationConfig()
+    t0 = time.perf_counter()
+    L, H, T, _ = kv.shape
+    compress_at = compressor.prepare(kv, ctx)
+    probes = make_probes(lm, ids, cfg)
+    record = Calibration(tolerance=cfg.tolerance, keep=1.0, proxy="probe-recall-kl", probes=len(probes),
+                         probe_tokens=sum(len(a) for _, a in probes))
+    grid = sorted(set(float(k) for k in cfg.grid) | {1.0})
+    results: dict[float, tuple[CompressedKV, float, float]] = {}
+
+    if probes:
+        full = gather(KV(kv.keys, kv.values), torch.ones(L, H, T, dtype=torch.bool))
+        ref = _probe_logits(Doc.from_kv(lm, full, T), probes)
+        del full
+
+    def evaluate(keep: float) -> float:
+        out = compress_at(Budget(keep))
+        kl, top1 = _compare(ref, _probe_logits(Doc.from_kv(lm, out, T), probes))
+        results[keep] = (out, kl, top1)
+        record.trace.append({"keep": keep, "kl": round(kl, 6), "top1": round(top1, 4)})
+        return kl
+
+    # bisection for the smallest grid keep with kl <= tolerance; keep 1.0 is accepted without a test
+    # (a document too short to probe has nothing to calibrate on: it keeps everything)
+    lo, hi = (0 if probes else len(grid) - 1), len(grid) - 1  # invariant: grid[hi] is accepted
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if evaluate(grid[mid]) <= cfg.tolerance:
+            hi = mid
+        else:
+            lo = mid + 1
+    keep = grid[hi]
+    if keep not in results:
+        results[keep] = (compress_at(Budget(keep)), 0.0, 1.0)
+    record.keep = keep
+    record.seconds = round(time.perf_counter() - t0, 3)
+    return keep, results[keep][0], record

@@ -21,7 +21,7 @@ $(VENV)/.kvforge-installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/kvforge build examples/corpus -o $(OUT) --method knorm --keep 0.5
+	$(BIN)/kvforge build examples/corpus -o $(OUT) --method compactor --keep 0.5
 	$(BIN)/kvforge query $(OUT)/for-statement.kv "What keyword starts a loop over the items of a sequence?"
 	$(BIN)/kvforge inspect $(OUT)/for-statement.kv
 

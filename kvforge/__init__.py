@@ -2,7 +2,7 @@
 
 The public API (stable):
 
-    kvforge.build(sources, out, method="knorm", keep=0.5, model=None)  -> BuildReport
+    kvforge.build(sources, out, method="compactor", keep=0.5, model=None)  -> BuildReport
     doc = kvforge.load(path, model=None)                                -> Doc
     doc.answer(question, max_new_tokens=64) -> str
     doc.logits(question, answer) -> Tensor (answer_tokens, vocab)
@@ -30,7 +30,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 
-def build(sources, out, method="knorm", keep=0.5, model=None, **options):
+def build(sources, out, method="compactor", keep=0.5, model=None, **options):
     """Compile .txt / .md documents into ``out/<doc-id>.kv`` artifacts; see :func:`kvforge.builder.build`."""
     from .builder import build as _build
 

@@ -36,7 +36,7 @@ LIBRARY_VERSION = "1.0.0"
 class BuildConfig:
     """Everything that decides an artifact's content besides the model and the document."""
 
-    method: dict = field(default_factory=lambda: {"name": "knorm", "config": {}})
+    method: dict = field(default_factory=lambda: {"name": "compactor", "config": {}})
     keep: float | str = 0.5  # a fraction in (0, 1], or "auto": calibrated per document
     dtype: str = "float16"
     seed: int = 0
@@ -47,7 +47,7 @@ class BuildConfig:
         return self.keep == "auto"
 
     @staticmethod
-    def make(method: str | dict | Compressor = "knorm", keep: float | str = 0.5, dtype: str = "float16",
+    def make(method: str | dict | Compressor = "compactor", keep: float | str = 0.5, dtype: str = "float16",
              seed: int = 0, tolerance: float | None = None) -> "BuildConfig":
         if isinstance(method, Compressor):
             m = method.to_dict()
@@ -167,7 +167,7 @@ def _is_current(entry: dict | None, doc: Document, config: BuildConfig, lm: Load
     return manifest["document"]["sha256"] == doc.sha256 and path.stat().st_size == entry.get("bytes")
 
 
-def build(sources, out, method: str | dict | Compressor = "knorm", keep: float | str = 0.5, model=None, *,
+def build(sources, out, method: str | dict | Compressor = "compactor", keep: float | str = 0.5, model=None, *,
           dtype: str = "float16", seed: int = 0, tolerance: float | None = None, skip_bad: bool = False,
           force: bool = False, progress: bool = True) -> BuildReport:
     """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``.

@@ -37,7 +37,7 @@ def cli():
 
     \b
     Typical use:
-      kvforge build docs/ -o lib/ --method knorm --keep 0.5
+      kvforge build docs/ -o lib/ --method compactor --keep 0.5
       kvforge query lib/notes.kv "What is the deadline?"
       kvforge inspect lib/notes.kv
 
@@ -49,7 +49,7 @@ def cli():
 @cli.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="output folder for .kv files and library.json")
-@click.option("--method", default="knorm", show_default=True, help="compression method (see `kvforge methods`)")
+@click.option("--method", default="compactor", show_default=True, help="compression method (see `kvforge methods`)")
 @click.option("--keep", default="0.5", show_default=True,
               help="fraction of (layer, head, token) entries to keep, in (0, 1]; or 'auto': per document, the "
                    "smallest keep whose recall of the document stays within --tolerance of the full cache")

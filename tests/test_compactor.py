@@ -74,3 +74,17 @@ def test_global_scope_lets_layers_differ_at_the_same_total():
     assert out.kept == 2 * round(0.3 * 3 * 300)
     per_layer = out.lengths.sum(dim=1).tolist()
     assert per_layer[0] != per_layer[1]
+
+
+def test_protected_tokens_do_not_shape_the_scores():
+    kv = random_kv()
+    loud = KV(keys=kv.keys.clone(), values=kv.values, queries=kv.queries, keys_pre_rope=None)
+    loud.keys[:, :, :8] *= 50.0  # an attention sink / outlier keys among the protected first tokens
+    loud.keys_pre_rope = loud.keys
+    for exclude in (True, False):
+        m = get_method("compactor", exclude_protected=exclude)
+        a = m.score(kv, CompressionContext(seed=0, keep=0.5))
+        b = m.score(loud, CompressionContext(seed=0, keep=0.5))
+        inner = slice(m.sink, kv.shape[2] - m.recent)
+        assert torch.isinf(a[:, :, : m.sink]).all() == exclude
+        assert torch.allclose(a[:, :, inner], b[:, :, inner]) == exclude

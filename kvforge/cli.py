@@ -173,6 +173,11 @@ def inspect(artifact, as_json, no_verify):
     click.echo(f"  method    {info['method']['name']} {json.dumps(info['method']['config'])}")
     click.echo(f"  keep      requested {info['keep_requested']:.3f}, achieved {info['keep_achieved']:.4f} "
                f"({info['kept_entries']} of {info['total_entries']} entries)")
+    cal = info["extra"].get("calibration")
+    if cal:
+        steps = ", ".join(f"{t['keep']:g}: {t['kl']:.3g}" for t in cal["trace"])
+        click.echo(f"  calibrated keep auto, tolerance {cal['tolerance']:g} ({cal['proxy']}, {cal['probes']} probes): "
+                   f"chose {cal['keep']:g}; trace keep: KL {steps or '(too short to probe)'}")
     click.echo(f"  storage   {info['storage']['dtype']}, quantization {info['storage']['quantization']}, "
                f"beta {'yes' if info['storage']['has_beta'] else 'no'}")
     click.echo(f"  bytes     {info['artifact_bytes']} ({info['bytes_per_token']:.0f} per token; "

@@ -121,3 +121,10 @@ def test_bad_keep_or_tolerance(tmp_path, docs, tiny_llama, keep, tolerance, matc
         kvforge.build(docs, tmp_path / "out", method="compactor", keep=keep, tolerance=tolerance,
                       model=tiny_llama, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_the_calibration(tmp_path, docs, tiny_llama):
+    kvforge.build(docs / "pass.txt", tmp_path / "o", keep="auto", model=tiny_llama, progress=False)
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "o" / "pass.kv")])
+    assert r.exit_code == 0, r.output
+    assert "calibrated keep auto, tolerance 0.1" in r.output and "trace keep: KL" in r.output

@@ -85,7 +85,7 @@ def test_cli_build_query_inspect_methods(tmp_path, docs, tiny_llama):
     library = json.loads((out / "library.json").read_text())
     entry = {e["id"]: e for e in library["documents"]}["assert"]
     assert entry["keep_requested"] == 0.5 and entry["bytes"] == (out / "assert.kv").stat().st_size
-    assert entry["method"]["name"] == "knorm" and entry["logical_tokens"] > 0
+    assert entry["method"]["name"] == "compactor" and entry["logical_tokens"] > 0
 
     again = json.loads(run("build", docs, "-o", out, "--model", tiny_llama, "--keep", "0.5", "--json").output)
     assert again["built"] == [] and sorted(again["skipped"]) == ["assert", "del", "pass"]
@@ -107,7 +107,7 @@ def test_cli_build_query_inspect_methods(tmp_path, docs, tiny_llama):
     info = json.loads(run("inspect", out / "assert.kv", "--json").output)
     assert info["keep_requested"] == 0.25 and len(info["kept_per_layer_head"]) == 2
     text = run("inspect", out / "assert.kv").output
-    assert "kept per layer" in text and "knorm" in text
+    assert "kept per layer" in text and "compactor" in text
 
     listing = run("methods").output
     assert "full" in listing and "knorm" in listing

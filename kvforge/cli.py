@@ -208,9 +208,18 @@ def _csv(value: str, cast=str) -> list:
         raise click.BadParameter(f"{value!r}: {exc}") from None
 
 
+def _number(value: str, option: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{option}: {value!r} is not a number") from None
+
+
 @cli.command(name="eval")
-@click.option("--methods", default="knorm,compactor", show_default=True, help="kvforge methods, comma-separated")
-@click.option("--keep", "keeps", default="0.5,0.25,0.1", show_default=True, help="keep ratios, comma-separated")
+@click.option("--methods", default="compactor,knorm", show_default=True, help="kvforge methods, comma-separated")
+@click.option("--keep", "keeps", default="0.5,0.25,0.1", show_default=True,
+              help="keep ratios, comma-separated; 'auto' for the per-document calibrated keep")
+@click.option("--tolerance", default=0.1, show_default=True, type=float, help="the tolerance of --keep auto")
 @click.option("--tasks", default=None, help="task kinds, comma-separated (default: all)")
 @click.option("--lengths", default="1024,2048", show_default=True, help="document lengths in tokens")
 @click.option("--samples", default=2, show_default=True, type=click.IntRange(1, 1000), help="samples per task kind and length")
@@ -221,7 +230,8 @@ def _csv(value: str, cast=str) -> list:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for rows.jsonl, report.md, summary.json, plots")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def eval_(methods, keeps, tasks, lengths, samples, against, seed, max_new_tokens, model, out, no_progress, as_json):
+def eval_(methods, keeps, tolerance, tasks, lengths, samples, against, seed, max_new_tokens, model, out, no_progress,
+          as_json):
     """Evaluate methods side by side on generated long-context tasks.
 
     Every method (and the full cache, the ceiling) sees the same model, tasks
@@ -255,14 +265,20 @@ def eval_(methods, keeps, tasks, lengths, samples, against, seed, max_new_tokens
     method_names = _csv(methods)
     for m in method_names:
         get_method(m)
-    cfg = EvalConfig(methods=method_names, keeps=_csv(keeps, float), kinds=kinds, lengths=_csv(lengths, int),
-                     samples=samples, seed=seed, against=presses, max_new_tokens=max_new_tokens)
+    keep_list = [k if k == "auto" else _number(k, "--keep") for k in _csv(keeps)]
+    if any(k != "auto" and not 0 < k <= 1 for k in keep_list):
+        raise click.BadParameter(f"--keep {keeps!r}: every keep must be in (0, 1] or 'auto'")
+    if not tolerance > 0:
+        raise click.BadParameter(f"--tolerance must be > 0, got {tolerance}")
+    cfg = EvalConfig(methods=method_names, keeps=keep_list, kinds=kinds, lengths=_csv(lengths, int),
+                     samples=samples, seed=seed, against=presses, max_new_tokens=max_new_tokens, tolerance=tolerance)
     lm = load_model(model)
     budgets: dict = {}
 
     def keep_budget(task, method, keep, kv):
-        label = f"{method} keep {keep:g}"
-        if method != "full" and keep == min(cfg.keeps) and label not in budgets:
+        label = f"{method} keep {keep}"
+        numeric = [k for k in cfg.keeps if k != "auto"]
+        if method != "full" and numeric and keep == min(numeric) and label not in budgets:
             budgets[label] = kv.lengths.float().numpy()
 
     out = Path(out)

@@ -41,3 +41,18 @@ def test_eval_smoke_and_resume(tmp_path, tiny_llama):
     assert r.exit_code == 0, r.output
     again = [json.loads(x) for x in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
     assert len(again) == len(rows)
+
+
+def test_eval_keep_auto(tmp_path, tiny_llama):
+    r = CliRunner().invoke(cli, ["eval", "--methods", "compactor", "--keep", "auto,0.5", "--tolerance", "0.3",
+                                 "--tasks", "niah_number", "--lengths", "300", "--samples", "2",
+                                 "--max-new-tokens", "4", "--model", str(tiny_llama), "--out", str(tmp_path / "ev"),
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
+    auto = [x for x in rows if x["keep"] == "auto"]
+    assert len(auto) == 2 and all(0 < x["keep_achieved"] <= 1 for x in auto)
+    assert "| compactor | auto |" in r.output
+    assert (tmp_path / "ev" / "calibrated_keeps.png").exists()
+    bad = CliRunner().invoke(cli, ["eval", "--keep", "0.5,most", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a number" in bad.output

@@ -15,6 +15,14 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _fmt_keep(keep) -> str:
+    return keep if isinstance(keep, str) else f"{keep:g}"
+
+
+def _keep_order(keep) -> float:
+    return -keep if isinstance(keep, (int, float)) else 1.0  # descending keeps, then "auto"
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per (method, keep): mean accuracy over reliable task kinds, per-kind accuracy, KLs, bytes, times."""
     full_by_kind = defaultdict(list)
@@ -27,7 +35,7 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         groups[(r["method"], r["keep"])].append(r)
     table = []
-    for (method, keep), rs in sorted(groups.items(), key=lambda x: (x[0][0] != "full", x[0][0], -x[0][1])):
+    for (method, keep), rs in sorted(groups.items(), key=lambda x: (x[0][0] != "full", x[0][0], _keep_order(x[0][1]))):
         kinds = sorted({r["kind"] for r in rs})
         per_kind = {k: _mean(r["score"] for r in rs if r["kind"] == k) for k in kinds}
         table.append({
@@ -42,21 +50,26 @@ def summarize(rows: list[dict]) -> dict:
             "build_s_per_1k": _mean(r["build_s_per_1k"] for r in rs),
             "ttft_s": _mean(r["ttft_s"] for r in rs),
         })
-    return {"full_accuracy_by_kind": full_acc, "flagged_kinds": flagged, "table": table}
+    calibrated = defaultdict(list)
+    for r in rows:
+        if r["keep"] == "auto":
+            calibrated[r["method"]].append(r["keep_achieved"])
+    return {"full_accuracy_by_kind": full_acc, "flagged_kinds": flagged, "table": table,
+            "calibrated_keeps": dict(calibrated)}
 
 
 def markdown(summary: dict) -> str:
     lines = ["| method | keep | accuracy | needle acc. | KL q+a | KL cont. | bytes/token | build s/1k tok | TTFT ms | n |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for t in summary["table"]:
-        lines.append(f"| {t['method']} | {t['keep']:g} | {t['accuracy']:.3f} | {t['needle_accuracy']:.3f} | "
+        lines.append(f"| {t['method']} | {_fmt_keep(t['keep'])} | {t['accuracy']:.3f} | {t['needle_accuracy']:.3f} | "
                      f"{t['kl_qa']:.4f} | {t['kl_cont']:.4f} | {t['bytes_per_token']:.0f} | "
                      f"{t['build_s_per_1k']:.2f} | {1000 * t['ttft_s']:.0f} | {t['n']} |")
     kinds = sorted(summary["full_accuracy_by_kind"])
     lines += ["", "Accuracy per task kind (full cache first; flagged kinds are left out of the averages above):", "",
               "| method | keep | " + " | ".join(kinds) + " |", "| --- | ---: |" + " ---: |" * len(kinds)]
     for t in summary["table"]:
-        lines.append(f"| {t['method']} | {t['keep']:g} | " +
+        lines.append(f"| {t['method']} | {_fmt_keep(t['keep'])} | " +
                      " | ".join(f"{t['per_kind'].get(k, float('nan')):.2f}" for k in kinds) + " |")
     if summary["flagged_kinds"]:
         lines += ["", f"Flagged (full cache below {NEAR_ZERO:.0%} on the model): {', '.join(summary['flagged_kinds'])}."]
@@ -80,9 +93,16 @@ def plots(summary: dict, out: Path, budgets: dict | None = None) -> list[str]:
             by_method[t["method"]].append(t)
     full = next((t for t in summary["table"] if t["method"] == "full"), None)
     for method, ts in sorted(by_method.items()):
-        ts = sorted(ts, key=lambda t: t["keep"])
-        axes[0].plot([t["keep"] for t in ts], [t["accuracy"] for t in ts], marker="o", label=method)
+        auto = [t for t in ts if t["keep"] == "auto"]
+        ts = sorted((t for t in ts if t["keep"] != "auto"), key=lambda t: t["keep"])
+        line = axes[0].plot([t["keep"] for t in ts], [t["accuracy"] for t in ts], marker="o", label=method)
         axes[1].plot([t["keep"] for t in ts], [max(t["kl_qa"], 1e-6) for t in ts], marker="o", label=method)
+        for t in auto:  # calibrated: plotted at its mean achieved keep
+            color = line[0].get_color() if line else None
+            axes[0].plot([t["keep_achieved"]], [t["accuracy"]], marker="*", markersize=12, color=color,
+                         linestyle="none", label=f"{method} auto")
+            axes[1].plot([t["keep_achieved"]], [max(t["kl_qa"], 1e-6)], marker="*", markersize=12, color=color,
+                         linestyle="none")
     if full is not None:
         axes[0].axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
     axes[0].set(xlabel="keep", ylabel="accuracy", title="task accuracy vs keep")
@@ -94,6 +114,17 @@ def plots(summary: dict, out: Path, budgets: dict | None = None) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     made.append(str(path))
+    if summary.get("calibrated_keeps"):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, keeps in sorted(summary["calibrated_keeps"].items()):
+            ax.hist(keeps, bins=[i / 20 for i in range(21)], alpha=0.6, label=method)
+        ax.set(xlabel="calibrated keep", ylabel="documents", title="keeps chosen by --keep auto")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "calibrated_keeps.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path))
     for name, grid in (budgets or {}).items():
         fig, ax = plt.subplots(figsize=(4, 6))
         im = ax.imshow(grid, aspect="auto", cmap="viridis")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import Artifact
+from ..calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
 from ..methods import Budget, CompressionContext, Compressor, get_method
 from ..methods.base import gather
 from ..model import LoadedModel
@@ -47,6 +47,7 @@ class EvalConfig:
     seed: int = 0
     against: list[str] = field(default_factory=list)  # kvpress press names
     max_new_tokens: int = 24
+    tolerance: float = DEFAULT_TOLERANCE  # for keep "auto" (kvforge methods only)
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -68,8 +69,8 @@ def in_memory_doc(lm: LoadedModel, kv: CompressedKV, logical_length: int, label:
     return Doc.from_kv(lm, kv, logical_length, label)
 
 
-def _row_key(task_id: str, method: str, keep: float) -> str:
-    return f"{task_id}|{method}|{keep:g}"
+def _row_key(task_id: str, method: str, keep: float | str) -> str:
+    return f"{task_id}|{method}|{keep if isinstance(keep, str) else format(keep, 'g')}"
 
 
 def _configs(cfg: EvalConfig) -> list[tuple[str, float]]:
@@ -77,7 +78,7 @@ def _configs(cfg: EvalConfig) -> list[tuple[str, float]]:
     for m in cfg.methods:
         if m != "full":
             out += [(m, k) for k in cfg.keeps]
-    out += [(f"kvpress:{p}", k) for p in cfg.against for k in cfg.keeps]
+    out += [(f"kvpress:{p}", k) for p in cfg.against for k in cfg.keeps if k != "auto"]
     return out
 
 
@@ -126,6 +127,10 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                     ckv, build_s = full_kv, prefill_s
                 elif method.startswith("kvpress:"):
                     ckv, build_s = kvpress_adapter.press_prefill(lm.model, ids, method.split(":", 1)[1], keep)
+                elif keep == "auto":
+                    _, ckv, record = calibrate(lm, ids, kv, compressors[method], CompressionContext(model=lm, seed=cfg.seed),
+                                               CalibrationConfig(tolerance=cfg.tolerance))
+                    build_s = prefill_s + time.perf_counter() - t1
                 else:
                     ckv = compressors[method].compress(kv, Budget(keep), CompressionContext(model=lm, seed=cfg.seed))
                     build_s = prefill_s + time.perf_counter() - t1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from common import environment, write_results
 from kvforge.calibrate import CalibrationConfig, calibrate
 from kvforge.eval.runner import kl_divergence
 from kvforge.methods import Budget, CompressionContext, get_method
@@ -160,19 +160,13 @@ def main() -> None:
             "calibration_s": statistics.mean(r["auto"][tol]["seconds"] for r, _, _ in per_doc)}
         summary["matched"][tol] = agg([ev(ca(Budget(mean_keep))) for _, ca, ev in per_doc]) | {"mean_keep": mean_keep}
     rows = [r for r, _, _ in per_doc]
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "model": lm.info.name, "method": method.to_dict(),
+    result = environment(lm) | {
+        "method": method.to_dict(),
         "docs": [{k: r[k] for k in ("id", "kind", "tokens", "prefill_s", "score_s", "full_acc")} for r in rows],
         "summary": summary,
         "prefill_s_mean": statistics.mean(r["prefill_s"] for r in rows),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "calibration.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "calibration", result, render)
 
 
 def render(r: dict) -> str:

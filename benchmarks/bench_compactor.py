@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
-import torch
-
+from common import environment, write_results
 from kvforge.calibrate import CalibrationConfig, calibrate
 from kvforge.methods import Budget, CompressionContext, get_method
 from kvforge.model import load_model
@@ -69,14 +66,7 @@ def main() -> None:
                "calibration_overhead": m(calib) / m(plain)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "torch": torch.__version__, "model": lm.info.name, "method": method.to_dict(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compactor_cost.json").write_text(json.dumps(result, indent=2))
-    (out / "compactor_cost.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "compactor_cost", environment(lm) | {"method": method.to_dict(), "rows": rows}, render)
 
 
 def render(r: dict) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import kvforge
+from common import environment, write_results
 from kvforge.model import load_model
 
 QUESTION = "What does the text say about exceptions raised inside a finally clause?"
@@ -113,23 +113,14 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, transformers"], check=True)
     import_s = time.perf_counter() - t0
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "model": lm.info.name,
+    result = environment(lm) | {
         "rows": rows,
         "cold_query_s": median(cold),
         "cold_query_runs_s": cold,
         "cold_query_load_s": median(x["load_s"] for x in first),
         "import_torch_transformers_s": import_s,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "foundation.json").write_text(json.dumps(result, indent=2))
-    (out / "foundation.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "foundation", result, render)
 
 
 def render(r: dict) -> str:

@@ -15,7 +15,9 @@ Two question-independent signals per (layer, KV head, token):
 * **Non-causal attention** inside chunks: every query of a chunk attends to
   every key of the chunk (both directions); a key's score is the attention it
   receives summed over the queries, averaged over the query heads of its
-  group, times its value norm, smoothed over 3 neighbours.
+  group, times its value norm, averaged over a window of ``smooth`` (7)
+  neighbours, so that the tokens around an important one (the rest of a
+  number, of a name) are kept with it.
 
 Both are z-scored per layer over all its heads, blended as
 ``blend * leverage + attention`` (``blend=None``: the fraction removed,
@@ -125,7 +127,7 @@ class Compactor(ScoredCompressor):
     blend: float | None = None
     ridge: float = 1e-4
     pre_rope: bool = True
-    smooth: int = 3
+    smooth: int = 7
     exclude_protected: bool = True
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:

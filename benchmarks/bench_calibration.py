@@ -121,7 +121,7 @@ def main() -> None:
             refs.append((q, a or [lm.tokenizer.eos_token_id], full.logits(q["question"], a or [lm.tokenizer.eos_token_id],
                                                                            include_question=True)))
 
-        def evaluate(ckv):
+        def evaluate(ckv, T=T, refs=refs):  # bound now: the closure outlives this iteration
             doc = Doc.from_kv(lm, ckv, T)
             acc, kl = [], []
             for q, a, ref in refs:

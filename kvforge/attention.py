@@ -40,6 +40,9 @@ class RaggedLayer(CacheLayerMixin):
         self.prefix_values = values  # (N, D)
         self.prefix_beta = beta  # (N,) float32 or None
         self.offsets = offsets  # H + 1 ints
+        sizes = {b - a for a, b in zip(offsets[:-1], offsets[1:])}
+        # every head keeps the same number of entries (keep 1.0, uniform methods): one fused SDPA call serves them
+        self.uniform = len(sizes) == 1 and beta is None
         self.num_heads, self.head_dim = num_heads, head_dim
         self.logical_length = logical_length
         self.compute_dtype = compute_dtype
@@ -139,6 +142,8 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     # causal mask over the suffix: current token t sits at suffix index S - T + t
     rows = torch.arange(T).unsqueeze(1) + (S - T)
     blocked = torch.arange(S).unsqueeze(0) > rows  # (T, S)
+    if layer.uniform:
+        return _uniform_attention(layer, query, key, value, blocked, scale), None
     out = torch.empty(1, T, n_q, D, dtype=query.dtype)
     for h in range(n_kv):
         q = query[0, h * group:(h + 1) * group]  # (G, T, D)
@@ -154,6 +159,26 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         o = torch.matmul(probs[..., : b - a], vp) + torch.matmul(probs[..., b - a:], value[0, h])  # (G, T, D)
         out[0, :, h * group:(h + 1) * group] = o.transpose(0, 1)
     return out, None
+
+
+def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) -> torch.Tensor:
+    """Every head holds n prefix entries: view them as (1, H_kv, n, D) and make one SDPA call.
+
+    query: (1, H_q, T, D); key / value: (1, H_kv, S, D); blocked: (T, S). Returns (1, T, H_q, D).
+    """
+    n_kv, D = key.shape[1], key.shape[3]
+    n = layer.offsets[1]
+    kp = layer.prefix_keys.view(1, n_kv, n, D).to(query.dtype)
+    vp = layer.prefix_values.view(1, n_kv, n, D).to(query.dtype)
+    k = torch.cat([kp, key], dim=2)  # (1, H_kv, n + S, D)
+    v = torch.cat([vp, value], dim=2)
+    mask = None
+    if bool(blocked.any()):
+        allowed = torch.ones(blocked.shape[0], n + blocked.shape[1], dtype=torch.bool)
+        allowed[:, n:] = ~blocked
+        mask = allowed
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
 
 
 _registered = False

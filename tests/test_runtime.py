@@ -164,3 +164,18 @@ def test_question_too_long_for_context(tmp_path, tiny_llama):
     doc = kvforge.load(path, model=tiny_llama)
     with pytest.raises(ResourceLimitError, match="does not fit"):
         doc.answer("why " * 2000)
+
+
+@pytest.mark.parametrize("method, keep", [("full", 1.0), ("compactor", 0.5)])
+def test_uniform_fast_path_equals_the_per_head_loop(tmp_path, tiny_model, method, keep):
+    path = build_one(tmp_path, tiny_model, method=method, keep=keep)
+    doc = kvforge.load(path, model=tiny_model)
+    answer = doc.answer_ids(QUESTION, max_new_tokens=6) or [0]
+    layers = doc._cache.layers
+    assert all(layer.uniform for layer in layers) == (method == "full")  # ragged heads take the loop
+    fast = doc.logits(QUESTION, answer, include_question=True)
+    for layer in layers:
+        layer.uniform = False
+    slow = doc.logits(QUESTION, answer, include_question=True)
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
+    assert doc.answer_ids(QUESTION, max_new_tokens=6) == (answer if answer != [0] else [])

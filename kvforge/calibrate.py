@@ -10,9 +10,10 @@ when the cache is compressed. A redundant document (boilerplate, repetition)
 keeps recall at a small keep; a dense one (many distinct facts) needs more.
 
 Cost: one prefill and one scoring pass, shared by all candidates
-(``Compressor.prepare``); per candidate only the selection and ``probes``
-short forwards over the ragged cache. Candidates are searched by bisection on
-a grid (the proxy falls as the keep grows), so about log2(len(grid)) of them.
+(``Compressor.prepare``); per candidate only the selection and one forward of
+the probes, concatenated, over the ragged cache (logits only on answer rows).
+Candidates are searched by bisection on a grid (the proxy falls as the keep
+grows), so about log2(len(grid)) of them.
 """
 
 from __future__ import annotations
@@ -81,10 +82,26 @@ def make_probes(lm: LoadedModel, ids: list[int], cfg: CalibrationConfig) -> list
     return probes
 
 
+def probe_sequence(probes) -> tuple[list[int], list[int]]:
+    """All probes as one sequence after the document, and the rows whose logits predict answer tokens.
+
+    One forward instead of one per probe: a probe also sees the probes before it, but
+    those quote other passages, and the full and the compressed cache see the same text.
+    """
+    ids: list[int] = []
+    rows: list[int] = []
+    for q, a in probes:
+        start = len(ids) + len(q)  # index of a[0]; row start - 1 predicts it
+        rows += range(start - 1, start - 1 + len(a))
+        ids += q + a
+    return ids, rows
+
+
 @torch.inference_mode()
 def _probe_logits(doc: Doc, probes) -> list[torch.Tensor]:
-    """Per probe: the logits that predict its answer tokens, (target, vocab)."""
-    return [doc.continuation_logits(q + a)[len(q) - 1:-1] for q, a in probes]
+    """The logits that predict the probes' answer tokens, as one (answer tokens, vocab) block."""
+    ids, rows = probe_sequence(probes)
+    return [doc.continuation_logits(ids, rows=rows)]
 
 
 def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:

@@ -129,12 +129,16 @@ class Doc:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache()}
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
-        """Feed ``ids`` after the current cache content; logits (len(ids) or 1 if ``last_only``, vocab)."""
+    def _forward(self, ids: list[int], last_only: bool = False, rows: list[int] | None = None) -> torch.Tensor:
+        """Feed ``ids`` after the current cache content; logits (len(ids), vocab).
+
+        ``last_only``: only the last row; ``rows``: only these rows, in that order.
+        """
         start = self._cache.get_seq_length()
         pos = torch.arange(start, start + len(ids)).unsqueeze(0)
+        keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long) if rows is not None else 0)
         out = self.lm.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, position_ids=pos,
-                            cache_position=pos[0], use_cache=True, logits_to_keep=1 if last_only else 0)
+                            cache_position=pos[0], use_cache=True, logits_to_keep=keep)
         return out.logits[0].float()
 
     def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[int]:
@@ -205,14 +209,17 @@ class Doc:
         return out[:-1] if include_question else out[len(q) - 1:-1]
 
     @torch.inference_mode()
-    def continuation_logits(self, ids: list[int]) -> torch.Tensor:
-        """Logits after feeding ``ids`` right after the document: (len(ids), vocab); row i predicts ids[i + 1]."""
+    def continuation_logits(self, ids: list[int], rows: list[int] | None = None) -> torch.Tensor:
+        """Logits after feeding ``ids`` right after the document: (len(ids), vocab); row i predicts ids[i + 1].
+
+        ``rows``: compute only these rows (len(rows), vocab), skipping the vocabulary projection of the others.
+        """
         if self.logical_length + len(ids) > self.manifest["model"]["max_context"]:
             raise ResourceLimitError(f"{len(ids)} tokens do not fit after the document in the model's context")
         with self.lm.lock:
             self._cache.reset()
             try:
-                return self._forward(list(ids))
+                return self._forward(list(ids), rows=rows)
             finally:
                 self._cache.reset()
 

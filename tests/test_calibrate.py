@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import kvforge
-from kvforge.calibrate import CalibrationConfig, calibrate, make_probes
+from kvforge.calibrate import CalibrationConfig, calibrate, make_probes, probe_sequence
 from kvforge.cli import cli
 from kvforge.errors import ConfigError
 from kvforge.methods import Budget, CompressionContext, get_method
@@ -128,3 +128,20 @@ def test_inspect_shows_the_calibration(tmp_path, docs, tiny_llama):
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "o" / "pass.kv")])
     assert r.exit_code == 0, r.output
     assert "calibrated keep auto, tolerance 0.1" in r.output and "trace keep: KL" in r.output
+
+
+def test_probe_rows_predict_the_answers(lm, docs):
+    ids = lm.encode_document((docs / "del.txt").read_text())
+    probes = make_probes(lm, ids, CalibrationConfig(probes=3, cue=8, target=10))
+    seq, rows = probe_sequence(probes)
+    assert len(rows) == 30
+    answers = [t for _, a in probes for t in a]
+    assert [seq[r + 1] for r in rows] == answers  # row r predicts token r + 1
+    # the selected rows are exactly those rows of the full logits
+    from kvforge.methods.base import gather
+    from kvforge.runtime import Doc
+    from kvforge.prefill import KV
+    kv = prefill(lm.model, ids)
+    doc = Doc.from_kv(lm, gather(KV(kv.keys, kv.values), torch.ones(kv.shape[:3], dtype=torch.bool)), len(ids))
+    full = doc.continuation_logits(seq)
+    assert torch.allclose(doc.continuation_logits(seq, rows=rows), full[rows], atol=1e-4)

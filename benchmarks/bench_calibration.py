@@ -24,15 +24,14 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from common import environment, write_results
 from kvforge.calibrate import CalibrationConfig, calibrate
 from kvforge.eval.runner import kl_divergence
 from kvforge.methods import Budget, CompressionContext, get_method
-from kvforge.methods.base import gather
+from kvforge.methods.base import keep_all
 from kvforge.model import load_model
-from kvforge.prefill import KV, prefill
+from kvforge.prefill import prefill
 from kvforge.runtime import Doc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +113,7 @@ def main() -> None:
         t0 = time.perf_counter()
         compress_at = method.prepare(kv, ctx)
         t_score = time.perf_counter() - t0
-        full = Doc.from_kv(lm, gather(KV(kv.keys, kv.values), torch.ones(L, H, T, dtype=torch.bool)), T)
+        full = Doc.from_kv(lm, keep_all(kv), T)
         refs = []
         for q in d["questions"]:
             a = full.answer_ids(q["question"], args.max_new_tokens)

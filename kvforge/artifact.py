@@ -253,7 +253,7 @@ def read(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     m = manifest["model"]
-    L, H, D = m["num_layers"], m["num_kv_heads"], m["head_dim"]
+    L = m["num_layers"]
     has_beta = manifest["storage"]["has_beta"]
     expected = {"lengths"} | {f"layer.{l}.{k}" for l in range(L) for k in
                               (("positions", "keys", "values", "beta") if has_beta else ("positions", "keys", "values"))}

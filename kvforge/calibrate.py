@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .methods import Budget, CompressionContext, Compressor
-from .methods.base import gather
+from .methods.base import keep_all
 from .model import LoadedModel
 from .prefill import KV
 from .ragged import CompressedKV
@@ -98,21 +98,17 @@ def probe_sequence(probes) -> tuple[list[int], list[int]]:
 
 
 @torch.inference_mode()
-def _probe_logits(doc: Doc, probes) -> list[torch.Tensor]:
-    """The logits that predict the probes' answer tokens, as one (answer tokens, vocab) block."""
+def _probe_logits(doc: Doc, probes) -> torch.Tensor:
+    """The logits that predict the probes' answer tokens: (answer tokens, vocab)."""
     ids, rows = probe_sequence(probes)
-    return [doc.continuation_logits(ids, rows=rows)]
+    return doc.continuation_logits(ids, rows=rows)
 
 
-def _compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
-    """Mean KL(ref || got) per token and top-1 agreement, over all probe tokens."""
-    kls, agree, n = 0.0, 0, 0
-    for p, q in zip(ref, got):
-        lp, lq = torch.log_softmax(p.float(), -1), torch.log_softmax(q.float(), -1)
-        kls += float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).sum())
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-        n += p.shape[0]
-    return kls / max(n, 1), agree / max(n, 1)
+def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(ref || got) per answer token, and top-1 agreement. ref, got: (tokens, vocab) logits."""
+    lp, lq = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).mean())
+    return kl, float((ref.argmax(-1) == got.argmax(-1)).float().mean())
 
 
 def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, ctx: CompressionContext,
@@ -123,23 +119,21 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
     """
     cfg = cfg or CalibrationConfig()
     t0 = time.perf_counter()
-    L, H, T, _ = kv.shape
+    T = kv.shape[2]
     compress_at = compressor.prepare(kv, ctx)
     probes = make_probes(lm, ids, cfg)
     record = Calibration(tolerance=cfg.tolerance, keep=1.0, proxy="probe-recall-kl", probes=len(probes),
                          probe_tokens=sum(len(a) for _, a in probes))
     grid = sorted(set(float(k) for k in cfg.grid) | {1.0})
-    results: dict[float, tuple[CompressedKV, float, float]] = {}
+    results: dict[float, CompressedKV] = {}
 
     if probes:
-        full = gather(KV(kv.keys, kv.values), torch.ones(L, H, T, dtype=torch.bool))
-        ref = _probe_logits(Doc.from_kv(lm, full, T), probes)
-        del full
+        ref = _probe_logits(Doc.from_kv(lm, keep_all(kv), T), probes)
 
     def evaluate(keep: float) -> float:
         out = compress_at(Budget(keep))
         kl, top1 = _compare(ref, _probe_logits(Doc.from_kv(lm, out, T), probes))
-        results[keep] = (out, kl, top1)
+        results[keep] = out
         record.trace.append({"keep": keep, "kl": round(kl, 6), "top1": round(top1, 4)})
         return kl
 
@@ -153,8 +147,7 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
         else:
             lo = mid + 1
     keep = grid[hi]
-    if keep not in results:
-        results[keep] = (compress_at(Budget(keep)), 0.0, 1.0)
+    out = results[keep] if keep in results else compress_at(Budget(keep))
     record.keep = keep
     record.seconds = round(time.perf_counter() - t0, 3)
-    return keep, results[keep][0], record
+    return keep, out, record

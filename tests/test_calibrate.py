@@ -138,10 +138,9 @@ def test_probe_rows_predict_the_answers(lm, docs):
     answers = [t for _, a in probes for t in a]
     assert [seq[r + 1] for r in rows] == answers  # row r predicts token r + 1
     # the selected rows are exactly those rows of the full logits
-    from kvforge.methods.base import gather
+    from kvforge.methods.base import keep_all
     from kvforge.runtime import Doc
-    from kvforge.prefill import KV
     kv = prefill(lm.model, ids)
-    doc = Doc.from_kv(lm, gather(KV(kv.keys, kv.values), torch.ones(kv.shape[:3], dtype=torch.bool)), len(ids))
+    doc = Doc.from_kv(lm, keep_all(kv), len(ids))
     full = doc.continuation_logits(seq)
     assert torch.allclose(doc.continuation_logits(seq, rows=rows), full[rows], atol=1e-4)

@@ -29,12 +29,12 @@ import torch
 
 from ..calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
 from ..methods import Budget, CompressionContext, Compressor, get_method
-from ..methods.base import gather
+from ..methods.base import keep_all
 from ..model import LoadedModel
-from ..prefill import KV, prefill
+from ..prefill import prefill
 from ..ragged import CompressedKV
 from ..runtime import Doc
-from .tasks import CONTINUATION_TOKENS, DEFAULT_KINDS, Task, generate
+from .tasks import CONTINUATION_TOKENS, DEFAULT_KINDS, generate
 
 
 @dataclass
@@ -62,11 +62,6 @@ def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:
     d = kv.keys[0].shape[-1]
     beta = 4 * kv.kept if kv.beta is not None else 0
     return kv.kept * (2 * d * storage_bytes + 4) + beta + 4 * kv.lengths.numel()
-
-
-def in_memory_doc(lm: LoadedModel, kv: CompressedKV, logical_length: int, label: dict) -> Doc:
-    """A :class:`Doc` over a KV that was never written: same runtime, same answers as from a file."""
-    return Doc.from_kv(lm, kv, logical_length, label)
 
 
 def _row_key(task_id: str, method: str, keep: float | str) -> str:
@@ -115,8 +110,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
             t0 = time.perf_counter()
             kv = prefill(lm.model, ids, queries=needs_q, pre_rope_keys=needs_pre)
             prefill_s = time.perf_counter() - t0
-            full_kv = gather(KV(kv.keys, kv.values), torch.ones(kv.shape[:3], dtype=torch.bool))
-            full = in_memory_doc(lm, full_kv, T, {"name": "full"})
+            full_kv = keep_all(kv)
+            full = Doc.from_kv(lm, full_kv, T, {"name": "full"})
             ref_answer = full.answer_ids(task.question, cfg.max_new_tokens) or [lm.tokenizer.eos_token_id or 0]
             ref_qa = full.logits(task.question, ref_answer, include_question=True)
             cont_ids = lm.tokenizer(task.continuation, add_special_tokens=False)["input_ids"][:CONTINUATION_TOKENS]
@@ -136,7 +131,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                     build_s = prefill_s + time.perf_counter() - t1
                 if on_kv is not None:
                     on_kv(task, method, keep, ckv)
-                doc = full if method == "full" else in_memory_doc(lm, ckv, T, {"name": method})
+                doc = full if method == "full" else Doc.from_kv(lm, ckv, T, {"name": method})
                 answer = lm.tokenizer.decode(doc.answer_ids(task.question, cfg.max_new_tokens),
                                              skip_special_tokens=True)
                 row = {

@@ -13,7 +13,7 @@ being special-cased by the pipeline.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -133,6 +133,11 @@ def gather(kv: KV, keep_mask: torch.Tensor) -> CompressedKV:
         keys.append(kv.keys[layer, head_idx, tok_idx])  # (N_l, D)
         values.append(kv.values[layer, head_idx, tok_idx])
     return CompressedKV(lengths=lengths, positions=positions, keys=keys, values=values)
+
+
+def keep_all(kv: KV) -> CompressedKV:
+    """The whole cache in the ragged layout: the lossless reference."""
+    return gather(kv, torch.ones(kv.shape[:3], dtype=torch.bool))
 
 
 @dataclass

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..prefill import KV
-from .base import Budget, CompressedKV, CompressionContext, Compressor, gather, register
+from .base import Budget, CompressedKV, CompressionContext, Compressor, keep_all, register
 
 
 @register
@@ -18,5 +16,4 @@ class Full(Compressor):
     name = "full"
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
-        L, H, T, _ = kv.shape
-        return gather(kv, torch.ones(L, H, T, dtype=torch.bool))
+        return keep_all(kv)

@@ -10,8 +10,12 @@ when the cache is compressed. A redundant document (boilerplate, repetition)
 keeps recall at a small keep; a dense one (many distinct facts) needs more.
 
 Cost: one prefill and one scoring pass, shared by all candidates
-(``Compressor.prepare``); per candidate only the selection and one forward of
-the probes, concatenated, over the ragged cache (logits only on answer rows).
+(``Compressor.prepare``); per candidate only the selection and one short
+forward per probe over the ragged cache (logits only on the answer rows).
+The probes are not concatenated into one forward: in a repetitive document
+a later probe's answer can be copied from an earlier probe's quoted text
+instead of from the cache, which hid compression damage (measured in
+BENCHMARKS.md, section 4).
 Candidates are searched by bisection on a grid (the proxy falls as the keep
 grows), so about log2(len(grid)) of them.
 """
@@ -82,26 +86,15 @@ def make_probes(lm: LoadedModel, ids: list[int], cfg: CalibrationConfig) -> list
     return probes
 
 
-def probe_sequence(probes) -> tuple[list[int], list[int]]:
-    """All probes as one sequence after the document, and the rows whose logits predict answer tokens.
-
-    One forward instead of one per probe: a probe also sees the probes before it, but
-    those quote other passages, and the full and the compressed cache see the same text.
-    """
-    ids: list[int] = []
-    rows: list[int] = []
-    for q, a in probes:
-        start = len(ids) + len(q)  # index of a[0]; row start - 1 predicts it
-        rows += range(start - 1, start - 1 + len(a))
-        ids += q + a
-    return ids, rows
+def answer_rows(question: list[int], answer: list[int]) -> list[int]:
+    """Rows of ``question + answer`` whose logits predict the answer's tokens (row i predicts token i + 1)."""
+    return list(range(len(question) - 1, len(question) - 1 + len(answer)))
 
 
 @torch.inference_mode()
 def _probe_logits(doc: Doc, probes) -> torch.Tensor:
-    """The logits that predict the probes' answer tokens: (answer tokens, vocab)."""
-    ids, rows = probe_sequence(probes)
-    return doc.continuation_logits(ids, rows=rows)
+    """The logits that predict the probes' answer tokens, each probe on its own: (answer tokens, vocab)."""
+    return torch.cat([doc.continuation_logits(q + a, rows=answer_rows(q, a)) for q, a in probes])
 
 
 def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:

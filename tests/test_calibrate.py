@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import kvforge
-from kvforge.calibrate import CalibrationConfig, calibrate, make_probes, probe_sequence
+from kvforge.calibrate import CalibrationConfig, calibrate, make_probes, answer_rows
 from kvforge.cli import cli
 from kvforge.errors import ConfigError
 from kvforge.methods import Budget, CompressionContext, get_method
@@ -133,10 +133,10 @@ def test_inspect_shows_the_calibration(tmp_path, docs, tiny_llama):
 def test_probe_rows_predict_the_answers(lm, docs):
     ids = lm.encode_document((docs / "del.txt").read_text())
     probes = make_probes(lm, ids, CalibrationConfig(probes=3, cue=8, target=10))
-    seq, rows = probe_sequence(probes)
-    assert len(rows) == 30
-    answers = [t for _, a in probes for t in a]
-    assert [seq[r + 1] for r in rows] == answers  # row r predicts token r + 1
+    q, a = probes[1]
+    seq, rows = q + a, answer_rows(q, a)
+    assert len(rows) == 10
+    assert [seq[r + 1] for r in rows] == a  # row r predicts token r + 1
     # the selected rows are exactly those rows of the full logits
     from kvforge.methods.base import keep_all
     from kvforge.runtime import Doc

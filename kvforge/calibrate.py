@@ -97,11 +97,16 @@ def _probe_logits(doc: Doc, probes) -> torch.Tensor:
     return torch.cat([doc.continuation_logits(q + a, rows=answer_rows(q, a)) for q, a in probes])
 
 
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(p || q), both given as logits (rows, vocab). Also what ``kvforge eval`` reports."""
+    p = torch.log_softmax(p_logits.float(), dim=-1)
+    q = torch.log_softmax(q_logits.float(), dim=-1)
+    return float((p.exp() * (p - q)).sum(dim=-1).clamp_min(0).mean())
+
+
 def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
     """Mean KL(ref || got) per answer token, and top-1 agreement. ref, got: (tokens, vocab) logits."""
-    lp, lq = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
-    kl = float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).mean())
-    return kl, float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    return kl_divergence(ref, got), float((ref.argmax(-1) == got.argmax(-1)).float().mean())
 
 
 def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, ctx: CompressionContext,

@@ -25,9 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
-from ..calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
+from ..calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate, kl_divergence  # noqa: F401 (re-exported)
 from ..methods import Budget, CompressionContext, Compressor, get_method
 from ..methods.base import keep_all
 from ..model import LoadedModel
@@ -48,13 +47,6 @@ class EvalConfig:
     against: list[str] = field(default_factory=list)  # kvpress press names
     max_new_tokens: int = 24
     tolerance: float = DEFAULT_TOLERANCE  # for keep "auto" (kvforge methods only)
-
-
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """Mean over rows of KL(p || q), both given as logits (rows, vocab)."""
-    p = torch.log_softmax(p_logits.float(), dim=-1)
-    q = torch.log_softmax(q_logits.float(), dim=-1)
-    return float((p.exp() * (p - q)).sum(dim=-1).clamp_min(0).mean())
 
 
 def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:

@@ -19,18 +19,22 @@ from pathlib import Path
 
 import torch
 
+from . import quantize as _quant
 from .errors import FormatError, IntegrityError, KvforgeError, UnsupportedVersionError
 from .ragged import CompressedKV
 
 FORMAT_NAME = "kvforge-artifact"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"  # the newest version this writer knows; files get the lowest one they need
+BASE_VERSION = "1.0.0"  # what an unquantized artifact is written as, so that 1.0 readers still read it
 READABLE_MAJORS = (1,)
 MANIFEST_KEY = "kvforge.manifest"
 MANIFEST_SHA_KEY = "kvforge.manifest_sha256"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32"}
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32",
+             torch.uint8: "U8"}
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclass
@@ -69,38 +73,96 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def kv_to_tensors(kv: CompressedKV, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def version_for(storage: dict) -> str:
+    """The lowest format version that describes a file with this ``storage`` (spec section 5)."""
+    return BASE_VERSION if storage.get("quantization", "none") == "none" else "1.1.0"
+
+
+def tensor_names(num_layers: int, has_beta: bool, quantization: str) -> set[str]:
+    """The exact tensor set of an artifact (spec section 3)."""
+    per_layer = ["positions", "keys", "values"]
+    if quantization != "none":
+        per_layer += ["key_scale", "key_min", "value_scale", "value_min"]
+    if has_beta:
+        per_layer.append("beta")
+    return {"lengths"} | {f"layer.{l}.{k}" for l in range(num_layers) for k in per_layer}
+
+
+def kv_to_tensors(kv: CompressedKV, dtype: torch.dtype, quantization: str = "none") -> dict[str, torch.Tensor]:
+    """The tensors an artifact stores for ``kv``: float keys / values, or their integer codes and scales."""
     tensors = {"lengths": kv.lengths.to(torch.int32).contiguous()}
+    bits = _quant.bits_of(quantization)
     for layer in range(len(kv.keys)):
         tensors[f"layer.{layer}.positions"] = kv.positions[layer].to(torch.int32).contiguous()
-        tensors[f"layer.{layer}.keys"] = kv.keys[layer].to(dtype).contiguous()
-        tensors[f"layer.{layer}.values"] = kv.values[layer].to(dtype).contiguous()
+        keys, values = kv.keys[layer].to(dtype), kv.values[layer].to(dtype)
+        if quantization == "none":
+            tensors[f"layer.{layer}.keys"] = keys.contiguous()
+            tensors[f"layer.{layer}.values"] = values.contiguous()
+        else:
+            counts = [int(c) for c in kv.lengths[layer].tolist()]
+            codes, scale, minimum = _quant.quantize_keys(keys, counts, bits)
+            tensors |= {f"layer.{layer}.keys": codes, f"layer.{layer}.key_scale": scale,
+                        f"layer.{layer}.key_min": minimum}
+            codes, scale, minimum = _quant.quantize_values(values, bits)
+            tensors |= {f"layer.{layer}.values": codes, f"layer.{layer}.value_scale": scale,
+                        f"layer.{layer}.value_min": minimum}
         if kv.beta is not None:
             tensors[f"layer.{layer}.beta"] = kv.beta[layer].to(torch.float32).contiguous()
     return tensors
 
 
-def write(path: str | os.PathLike, manifest: dict, kv: CompressedKV) -> int:
-    """Write an artifact atomically; fills ``storage.has_beta`` and ``tensors_sha256``. Returns bytes written."""
-    from safetensors.torch import save
+def prepare(manifest: dict, kv: CompressedKV, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked manifest (version, has_beta, tensors_sha256 filled) and the tensors to store, any container.
 
+    The writer is as strict as the reader: the same schema and the same tensor checks.
+    """
     manifest = json.loads(canonical_json(manifest))  # a deep copy that is surely JSON
-    dtype = STORAGE_DTYPES[manifest["storage"]["dtype"]]
-    tensors = kv_to_tensors(kv, dtype)
+    storage = manifest["storage"]
+    quantization = storage.get("quantization", "none")
+    if quantization not in QUANTIZATIONS:
+        raise FormatError(f"refusing to write {where}: storage.quantization must be one of {QUANTIZATIONS}, "
+                          f"got {quantization!r}")
+    if quantization == "int4" and kv.keys and kv.keys[0].shape[-1] % 2:
+        raise FormatError(f"refusing to write {where}: int4 packs two channels per byte and needs an even "
+                          f"head_dim, this model has {kv.keys[0].shape[-1]}; use --quant int8")
+    dtype = STORAGE_DTYPES[storage["dtype"]]
+    for layer in range(len(kv.keys)):
+        for name, t in (("keys", kv.keys[layer]), ("values", kv.values[layer])):
+            if not bool(torch.isfinite(t.to(dtype)).all()):
+                raise IntegrityError(f"refusing to write {where}: layer {layer} {name} hold NaN or Inf "
+                                     f"(in {storage['dtype']})")
+    tensors = kv_to_tensors(kv, dtype, quantization)
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise IntegrityError(f"refusing to write {path}: tensor {name} holds NaN or Inf")
-    manifest["storage"]["has_beta"] = kv.beta is not None
+            raise IntegrityError(f"refusing to write {where}: tensor {name} holds NaN or Inf")
+    manifest["version"] = version_for(storage)
+    storage["has_beta"] = kv.beta is not None
     manifest["tensors_sha256"] = tensor_digest(tensors)
-    text = canonical_json(manifest)
-    # the writer is as strict as the reader: the same schema and the same tensor checks
-    _validate_manifest(manifest, str(path))
-    check_version(manifest.get("version"), str(path))
-    _check_tensors(tensors, manifest, f"refusing to write {path}")
-    metadata = {MANIFEST_KEY: text, MANIFEST_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    data = _sorted_metadata(save(tensors, metadata=metadata))
+    _validate_manifest(manifest, where)
+    check_version(manifest.get("version"), where)
+    _check_tensors(tensors, manifest, f"refusing to write {where}")
+    return manifest, tensors
+
+
+def write(path: str | os.PathLike, manifest: dict, kv: CompressedKV) -> int:
+    """Write a ``.kv`` artifact atomically; fills version, ``storage.has_beta`` and ``tensors_sha256``.
+
+    ``manifest["storage"]["quantization"]`` (``none``, ``int8``, ``int4``) decides how keys and
+    values are stored. Returns the bytes written.
+    """
+    manifest, tensors = prepare(manifest, kv, str(path))
+    data = encode(manifest, tensors)
     atomic_write_bytes(Path(path), data)
     return len(data)
+
+
+def encode(manifest: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+    """The exact bytes of a ``.kv`` file holding these (already checked) manifest and tensors."""
+    from safetensors.torch import save
+
+    text = canonical_json(manifest)
+    metadata = {MANIFEST_KEY: text, MANIFEST_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    return _sorted_metadata(save(tensors, metadata=metadata))
 
 
 def _sorted_metadata(data: bytes) -> bytes:
@@ -173,6 +235,14 @@ def _validate_manifest(manifest: dict, where: str) -> None:
         e = errors[0]
         field = ".".join(str(p) for p in e.path) or "(manifest)"
         raise FormatError(f"{where}: manifest field {field}: {e.message}")
+    quantization = manifest["storage"]["quantization"]
+    if quantization != "none" and _minor(manifest["version"]) < 1:
+        raise FormatError(f"{where}: manifest field storage.quantization: {quantization!r} needs format version "
+                          f"1.1 or later, the file says {manifest['version']}")
+
+
+def _minor(version: str) -> int:
+    return int(version.split(".")[1])
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
@@ -210,20 +280,26 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         extra = sorted(set(meta) - {MANIFEST_KEY, MANIFEST_SHA_KEY})[:3]
         raise FormatError(f"{path}: unexpected safetensors metadata keys {extra} (or {MANIFEST_SHA_KEY!r} is "
                           "missing); the file was altered or not written by kvforge")
-    text, digest = meta.get(MANIFEST_KEY), meta.get(MANIFEST_SHA_KEY)
+    manifest = parse_manifest(meta.get(MANIFEST_KEY), meta.get(MANIFEST_SHA_KEY), str(path))
+    return manifest, header, 8 + n
+
+
+def parse_manifest(text, digest, where: str) -> dict:
+    """The manifest from its canonical-JSON text and sha256, checked (digest, JSON, format, version, schema)."""
     if not isinstance(text, str) or not isinstance(digest, str):
-        raise FormatError(f"{path}: metadata {MANIFEST_KEY!r} / {MANIFEST_SHA_KEY!r} must be strings")
+        raise FormatError(f"{where}: {MANIFEST_KEY!r} / {MANIFEST_SHA_KEY!r} must be strings")
     if hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != digest:
-        raise IntegrityError(f"{path}: the manifest does not match its sha256; the file is corrupt, rebuild it")
+        raise IntegrityError(f"{where}: the manifest does not match its sha256; the file is corrupt, rebuild it")
     try:
         manifest = json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
-        raise FormatError(f"{path}: the manifest is not valid JSON: {exc}") from exc
+        raise FormatError(f"{where}: the manifest is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise FormatError(f"{path}: field format: expected {FORMAT_NAME!r}, found {manifest.get('format') if isinstance(manifest, dict) else manifest!r}")
-    check_version(manifest.get("version"), str(path))
-    _validate_manifest(manifest, str(path))
-    return manifest, header, 8 + n
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise FormatError(f"{where}: field format: expected {FORMAT_NAME!r}, found {found!r}")
+    check_version(manifest.get("version"), where)
+    _validate_manifest(manifest, where)
+    return manifest
 
 
 def _no_constant(name: str):
@@ -242,7 +318,14 @@ def check_version(version, where: str) -> None:
 
 
 def read(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
-    """Load and check an artifact. ``verify=False`` skips only the tensor digest."""
+    """Load and check a ``.kv`` artifact. ``verify=False`` skips only the tensor digest."""
+    manifest, tensors, nbytes = read_stored(path)
+    kv = from_tensors(tensors, manifest, str(path), verify=verify)
+    return Artifact(manifest=manifest, kv=kv, path=str(path), file_bytes=nbytes)
+
+
+def read_stored(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """The checked manifest and the tensors exactly as stored (codes, not dequantized), and the file size."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -252,23 +335,34 @@ def read(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
         data = path.read_bytes()
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    m = manifest["model"]
-    L = m["num_layers"]
-    has_beta = manifest["storage"]["has_beta"]
-    expected = {"lengths"} | {f"layer.{l}.{k}" for l in range(L) for k in
-                              (("positions", "keys", "values", "beta") if has_beta else ("positions", "keys", "values"))}
-    found = set(header) - {"__metadata__"}
-    if found != expected:
-        missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
-        raise FormatError(f"{path}: tensor set does not match the manifest (missing {missing}, unexpected {extra})")
+    check_tensor_set(set(header) - {"__metadata__"}, manifest, str(path))
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, TypeError, AttributeError, RuntimeError, OverflowError, KeyError) as exc:
         raise FormatError(f"{path}: the tensor data is unreadable ({type(exc).__name__}: {exc}); the file is corrupt") from exc
-    kv = _check_tensors(tensors, manifest, str(path))
+    return manifest, tensors, len(data)
+
+
+def check_tensor_set(found: set[str], manifest: dict, where: str) -> None:
+    """Refuse a container whose tensor names differ from what the manifest implies (before reading data)."""
+    storage = manifest["storage"]
+    L = manifest["model"]["num_layers"]
+    per_layer = 3 + (4 if storage["quantization"] != "none" else 0) + (1 if storage["has_beta"] else 0)
+    if len(found) != 1 + L * per_layer:  # counted first: no name set is built for a lying num_layers
+        raise FormatError(f"{where}: tensor set does not match the manifest: {len(found)} tensors, "
+                          f"the manifest implies {1 + L * per_layer}")
+    expected = tensor_names(L, storage["has_beta"], storage["quantization"])
+    if found != expected:
+        missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
+        raise FormatError(f"{where}: tensor set does not match the manifest (missing {missing}, unexpected {extra})")
+
+
+def from_tensors(tensors: dict, manifest: dict, where: str, *, verify: bool = True) -> CompressedKV:
+    """Check stored tensors against the manifest (and, with ``verify``, the digest); the float ragged KV."""
+    kv = _check_tensors(tensors, manifest, where)
     if verify and tensor_digest(tensors) != manifest["tensors_sha256"]:
-        raise IntegrityError(f"{path}: tensor data does not match tensors_sha256; the file is corrupt, rebuild it")
-    return Artifact(manifest=manifest, kv=kv, path=str(path), file_bytes=len(data))
+        raise IntegrityError(f"{where}: tensor data does not match tensors_sha256; the file is corrupt, rebuild it")
+    return kv
 
 
 def _check_tensors(tensors: dict, manifest: dict, where: str) -> CompressedKV:
@@ -297,12 +391,31 @@ def _check_tensors(tensors: dict, manifest: dict, where: str) -> CompressedKV:
     if abs(comp["keep_achieved"] - kept / (L * H * T)) > 1e-9:
         raise FormatError(f"{where}: compression.keep_achieved is {comp['keep_achieved']}, but the lengths tensor "
                           f"keeps {kept}/{L * H * T} = {kept / (L * H * T)}")
+    quantization = storage.get("quantization", "none")
+    bits = _quant.bits_of(quantization)
+    if quantization == "int4" and D % 2:
+        raise FormatError(f"{where}: storage.quantization int4 needs an even head_dim, found {D}")
     positions, keys, values, beta = [], [], [], []
     for layer in range(L):
         n = int(lengths[layer].sum())
         pos = expect(f"layer.{layer}.positions", torch.int32, (n,))
-        keys.append(expect(f"layer.{layer}.keys", dtype, (n, D)))
-        values.append(expect(f"layer.{layer}.values", dtype, (n, D)))
+        if quantization == "none":
+            keys.append(expect(f"layer.{layer}.keys", dtype, (n, D)))
+            values.append(expect(f"layer.{layer}.values", dtype, (n, D)))
+        else:
+            width = D * bits // 8
+            counts = [int(c) for c in lengths[layer].tolist()]
+            k = _quant.dequantize_keys(expect(f"layer.{layer}.keys", torch.uint8, (n, width)),
+                                       expect(f"layer.{layer}.key_scale", torch.float32, (H, D)),
+                                       expect(f"layer.{layer}.key_min", torch.float32, (H, D)), counts, bits, D)
+            v = _quant.dequantize_values(expect(f"layer.{layer}.values", torch.uint8, (n, width)),
+                                         expect(f"layer.{layer}.value_scale", torch.float16, (n,)),
+                                         expect(f"layer.{layer}.value_min", torch.float16, (n,)), bits, D)
+            for name, t in (("keys", k), ("values", v)):
+                t = t.to(dtype)
+                if not bool(torch.isfinite(t).all()):
+                    raise IntegrityError(f"{where}: layer {layer} {name} dequantize to NaN or Inf in {storage['dtype']}")
+                (keys if name == "keys" else values).append(t)
         if storage["has_beta"]:
             beta.append(expect(f"layer.{layer}.beta", torch.float32, (n,)))
         if n:
@@ -371,4 +484,5 @@ def guard(fn):
 
 
 read = guard(read)
+read_stored = guard(read_stored)
 read_header = guard(read_header)

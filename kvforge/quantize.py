@@ -1,0 +1,109 @@
+"""Storage quantization of a ragged KV cache, and its exact inverse (spec section 3.1).
+
+Applied after compression, on write; undone on load (the runtime attends over
+the dequantized keys and values). Both directions live here so that the writer
+and the reader cannot disagree; the runtime imports only :func:`dequantize_keys`
+and :func:`dequantize_values` through the artifact reader.
+
+Asymmetric integer codes, ``x ~= minimum + code * scale`` with codes in
+``[0, 2**bits - 1]``, grouped as in KIVI (Liu et al., 2024):
+
+* keys: one (scale, minimum) per KV head and channel: keys have outlier
+  channels, so a channel's range is the natural group;
+* values: one (scale, minimum) per entry (token) over its ``head_dim`` channels.
+
+``int8`` stores one code per byte, ``int4`` two (the even channel in the low
+nibble). Shapes: codes ``(N, D * bits / 8)`` uint8; key scales ``(H, D)``
+float32; value scales ``(N,)`` float16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEMES = {"none": 16, "int8": 8, "int4": 4}
+
+
+def bits_of(scheme: str) -> int:
+    return SCHEMES[scheme]
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, D) uint8 codes < 2**bits -> (N, D * bits / 8) uint8 bytes."""
+    if bits == 8:
+        return q.contiguous()
+    lo, hi = q[:, 0::2], q[:, 1::2]
+    return (lo | (hi << 4)).contiguous()
+
+
+def unpack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """(N, D * bits / 8) uint8 -> (N, D) uint8 codes."""
+    if bits == 8:
+        return codes
+    out = torch.empty(codes.shape[0], dim, dtype=torch.uint8)
+    out[:, 0::2] = codes & 0x0F
+    out[:, 1::2] = codes >> 4
+    return out
+
+
+def _encode(x: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of x (N, D) given broadcastable minimum / scale (float32); a zero scale gives code 0."""
+    levels = (1 << bits) - 1
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((x - minimum) / safe).round().clamp_(0, levels)
+    q = torch.where(scale > 0, q, torch.zeros_like(q))
+    return q.to(torch.uint8)
+
+
+def _scale(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """(hi - lo) / levels, rounded up to ``dtype`` so that hi stays reachable."""
+    s = ((hi - lo) / ((1 << bits) - 1)).to(dtype)
+    short = s.float() * ((1 << bits) - 1) < (hi - lo)
+    if bool(short.any()):  # one step up where rounding to the storage dtype lost range
+        s = torch.where(short, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    return s
+
+
+def quantize_keys(keys: torch.Tensor, counts: list[int], bits: int):
+    """keys (N, D) head-major with ``counts[h]`` rows per head -> (codes, scale (H, D) f32, minimum (H, D) f32)."""
+    x = keys.float()
+    H, D = len(counts), x.shape[1]
+    minimum = torch.zeros(H, D)
+    maximum = torch.zeros(H, D)
+    start = 0
+    for h, n in enumerate(counts):
+        if n:
+            minimum[h] = x[start:start + n].min(0).values
+            maximum[h] = x[start:start + n].max(0).values
+        start += n
+    scale = _scale(minimum, maximum, bits, torch.float32)
+    rep = torch.tensor(counts, dtype=torch.long)
+    q = _encode(x, minimum.repeat_interleave(rep, 0), scale.repeat_interleave(rep, 0), bits)
+    return pack(q, bits), scale, minimum
+
+
+def quantize_values(values: torch.Tensor, bits: int):
+    """values (N, D) -> (codes, scale (N,) f16, minimum (N,) f16), one group per entry."""
+    x = values.float()
+    if x.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.float16)
+        return pack(torch.zeros(0, x.shape[1], dtype=torch.uint8), bits), empty, empty.clone()
+    minimum = x.min(1).values.to(torch.float16)
+    scale = _scale(minimum.float(), x.max(1).values, bits, torch.float16)
+    q = _encode(x, minimum.float()[:, None], scale.float()[:, None], bits)
+    return pack(q, bits), scale, minimum
+
+
+def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, counts: list[int],
+                    bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_keys`: (N, D) float32."""
+    rep = torch.tensor(counts, dtype=torch.long)
+    q = unpack(codes, bits, dim).float()
+    return minimum.float().repeat_interleave(rep, 0) + q * scale.float().repeat_interleave(rep, 0)
+
+
+def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int,
+                      dim: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_values`: (N, D) float32."""
+    q = unpack(codes, bits, dim).float()
+    return minimum.float()[:, None] + q * scale.float()[:, None]

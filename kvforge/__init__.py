@@ -3,7 +3,9 @@
 The public API (stable):
 
     kvforge.build(sources, out, method="compactor", keep=0.5, model=None)  -> BuildReport
+    kvforge.build(sources, "lib.zarr", quant="int8")                     -> one zarr library
     doc = kvforge.load(path, model=None)                                -> Doc
+    doc = kvforge.load("lib.zarr", doc="notes")                         -> one document of a library
     doc.answer(question, max_new_tokens=64) -> str
     doc.logits(question, answer) -> Tensor (answer_tokens, vocab)
     doc.cache() -> transformers Cache;  doc.generate_inputs(question) -> kwargs for model.generate
@@ -37,11 +39,14 @@ def build(sources, out, method="compactor", keep=0.5, model=None, **options):
     return _build(sources, out, method=method, keep=keep, model=model, **options)
 
 
-def load(path, model=None, *, verify=True):
-    """Load an artifact bound to its model; see :func:`kvforge.runtime.load`."""
+def load(path, model=None, *, verify=True, doc=None):
+    """Load an artifact (a .kv file, or document ``doc`` of a zarr library) bound to its model.
+
+    See :func:`kvforge.runtime.load`.
+    """
     from .runtime import load as _load
 
-    return _load(path, model=model, verify=verify)
+    return _load(path, model=model, verify=verify, doc=doc)
 
 
 def load_model(model=None):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from . import artifact as _artifact
+from . import zarr_store
 from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
 from .corpus import Document, load_corpus
 from .errors import ConfigError, FormatError, KvforgeError
@@ -41,6 +42,7 @@ class BuildConfig:
     dtype: str = "float16"
     seed: int = 0
     tolerance: float | None = None  # with keep "auto": the largest proxy KL accepted
+    quant: str = "none"  # storage quantization: none, int8, int4 (applied after compression)
 
     @property
     def auto(self) -> bool:
@@ -48,7 +50,7 @@ class BuildConfig:
 
     @staticmethod
     def make(method: str | dict | Compressor = "compactor", keep: float | str = 0.5, dtype: str = "float16",
-             seed: int = 0, tolerance: float | None = None) -> "BuildConfig":
+             seed: int = 0, tolerance: float | None = None, quant: str = "none") -> "BuildConfig":
         if isinstance(method, Compressor):
             m = method.to_dict()
         elif isinstance(method, dict):
@@ -77,7 +79,9 @@ class BuildConfig:
                 raise ConfigError(f"keep must be in (0, 1] or 'auto', got {keep}")
         if dtype not in _artifact.STORAGE_DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_artifact.STORAGE_DTYPES)}, got {dtype!r}")
-        return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance)
+        if quant not in _artifact.QUANTIZATIONS:
+            raise ConfigError(f"quant must be one of {', '.join(_artifact.QUANTIZATIONS)}, got {quant!r}")
+        return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance, quant=quant)
 
     def digest(self) -> str:
         return hashlib.sha256(_artifact.canonical_json(asdict(self)).encode()).hexdigest()
@@ -116,7 +120,7 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
             "seed": config.seed,
             "extra": extra,
         },
-        "storage": {"dtype": config.dtype, "quantization": "none", "has_beta": out.beta is not None},
+        "storage": {"dtype": config.dtype, "quantization": config.quant, "has_beta": out.beta is not None},
         "tensors_sha256": "0" * 64,  # filled by the writer
     }
     return manifest, out
@@ -154,35 +158,98 @@ def _write_library(out: Path, entries: dict[str, dict]) -> None:
     _artifact.atomic_write_bytes(out / LIBRARY_FILE, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def _is_current(entry: dict | None, doc: Document, config: BuildConfig, lm: LoadedModel, out: Path) -> bool:
-    if not entry or entry.get("sha256") != doc.sha256 or entry.get("config_sha256") != config.digest():
-        return False
-    if entry.get("model_weights_sha256") != lm.info.weights_sha256:
-        return False
-    path = out / entry.get("file", "")
-    try:
-        manifest, _, _ = _artifact.read_header(path)
-    except FormatError:
-        return False
-    return manifest["document"]["sha256"] == doc.sha256 and path.stat().st_size == entry.get("bytes")
+def _entry_is_current(entry: dict | None, doc: Document, config: BuildConfig, lm: LoadedModel) -> bool:
+    return bool(entry) and entry.get("sha256") == doc.sha256 and entry.get("config_sha256") == config.digest() \
+        and entry.get("model_weights_sha256") == lm.info.weights_sha256
+
+
+class _FolderSink:
+    """``out/<doc-id>.kv`` files plus ``out/library.json``, rewritten after every document."""
+
+    def __init__(self, out: Path):
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.library = out, _read_library(out)
+
+    def current(self, doc: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
+        entry = self.library.get(doc.id)
+        if not _entry_is_current(entry, doc, config, lm):
+            return None
+        path = self.out / entry.get("file", "")
+        try:
+            manifest, _, _ = _artifact.read_header(path)
+        except FormatError:
+            return None
+        ok = manifest["document"]["sha256"] == doc.sha256 and path.stat().st_size == entry.get("bytes")
+        return entry if ok else None
+
+    def write(self, doc: Document, manifest: dict, kv: CompressedKV, entry: dict) -> dict:
+        path = self.out / f"{doc.id}.kv"
+        entry = entry | {"file": path.name, "bytes": _artifact.write(path, manifest, kv)}
+        self.library[doc.id] = entry
+        _write_library(self.out, self.library)  # after every document: a killed build resumes from here
+        return entry
+
+    def finish(self) -> None:
+        _write_library(self.out, self.library)
+
+
+class _ZarrSink:
+    """One zarr v3 library (``out.zarr``): a group per document, each swapped in atomically."""
+
+    def __init__(self, out: Path):
+        zarr_store.create(out)
+        self.out = out
+
+    def current(self, doc: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
+        try:
+            with zarr_store.open_library(self.out) as lib:
+                if doc.id not in lib.ids():
+                    return None
+                entry = lib.build_entry(doc.id)
+                manifest = lib.manifest(doc.id)
+        except FormatError:
+            return None
+        ok = _entry_is_current(entry, doc, config, lm) and manifest["document"]["sha256"] == doc.sha256
+        return entry if ok else None
+
+    def write(self, doc: Document, manifest: dict, kv: CompressedKV, entry: dict) -> dict:
+        entry = entry | {"file": doc.id}
+        nbytes = zarr_store.write(self.out, manifest, kv, build_entry=entry | {"bytes": 0})
+        return entry | {"bytes": nbytes}
+
+    def finish(self) -> None:
+        pass
 
 
 def build(sources, out, method: str | dict | Compressor = "compactor", keep: float | str = 0.5, model=None, *,
-          dtype: str = "float16", seed: int = 0, tolerance: float | None = None, skip_bad: bool = False,
-          force: bool = False, progress: bool = True) -> BuildReport:
-    """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``.
+          dtype: str = "float16", seed: int = 0, tolerance: float | None = None, quant: str = "none",
+          format: str | None = None, skip_bad: bool = False, force: bool = False,
+          progress: bool = True) -> BuildReport:
+    """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``, or into one zarr library.
 
     sources: files (.txt / .md) and folders. All documents are read and checked before
     anything is written; a rerun skips documents whose text, config and model are unchanged.
     keep: a fraction in (0, 1], or ``"auto"``: per document, the smallest keep whose
     recall proxy stays within ``tolerance`` (see :mod:`kvforge.calibrate`).
+    quant: ``none``, ``int8`` or ``int4`` storage of keys and values.
+    format: ``kv`` (a folder of .kv files) or ``zarr`` (one library store); default: ``zarr``
+    when ``out`` ends in ``.zarr``, else ``kv``.
     """
     from tqdm.auto import tqdm
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     t_start = time.perf_counter()
-    config = BuildConfig.make(method, keep, dtype, seed, tolerance)
+    config = BuildConfig.make(method, keep, dtype, seed, tolerance, quant)
+    out = Path(out)
+    format = format or ("zarr" if out.suffix == ".zarr" else "kv")
+    if format not in ("kv", "zarr"):
+        raise ConfigError(f"format must be kv or zarr, got {format!r}")
+    if out.suffix == ".zip":
+        raise ConfigError(f"{out}: build into a folder or a .zarr library; zip one for shipping with "
+                          "`kvforge convert lib.zarr lib.zarr.zip`")
     docs, bad = load_corpus(sources, skip_bad=skip_bad)
     lm = load_model(model)
     # tokenize and check every length first: a too-long document stops the build before any write
@@ -199,12 +266,9 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
         encoded[doc.id] = ids
     docs = [d for d in docs if d.id in encoded]
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    library = _read_library(out)
-    todo = [d for d in docs if force or not _is_current(library.get(d.id), d, config, lm, out)]
+    sink = _ZarrSink(out) if format == "zarr" else _FolderSink(out)
+    entries = {} if force else {d.id: sink.current(d, config, lm) for d in docs}
+    todo = [d for d in docs if not entries.get(d.id)]
     skipped = [d.id for d in docs if d not in todo]
     built = []
     bar_docs = tqdm(total=len(todo), desc="documents", unit="doc", disable=not progress or not todo)
@@ -214,12 +278,9 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
         for doc in todo:
             t0 = time.perf_counter()
             manifest, kv = build_document(lm, doc, config, encoded[doc.id])
-            path = out / f"{doc.id}.kv"
-            nbytes = _artifact.write(path, manifest, kv)
             comp = manifest["compression"]
-            library[doc.id] = {
+            entry = {
                 "id": doc.id,
-                "file": path.name,
                 "source": doc.path,
                 "sha256": doc.sha256,
                 "logical_tokens": manifest["document"]["logical_length"],
@@ -227,17 +288,17 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
                 "kept_tokens_per_head": comp["kept_entries"] / (lm.info.num_layers * lm.info.num_kv_heads),
                 "keep_requested": "auto" if config.auto else comp["keep_requested"],
                 "keep_achieved": comp["keep_achieved"],
-                "bytes": nbytes,
                 "method": comp["method"],
                 "storage_dtype": config.dtype,
+                "quantization": config.quant,
                 "config_sha256": config.digest(),
                 "model": lm.info.name,
                 "model_weights_sha256": lm.info.weights_sha256,
                 "build_seconds": round(time.perf_counter() - t0, 3),
             }
             if "calibration" in comp["extra"]:
-                library[doc.id]["calibration"] = comp["extra"]["calibration"]
-            _write_library(out, library)  # after every document: a killed build resumes from here
+                entry["calibration"] = comp["extra"]["calibration"]
+            entries[doc.id] = sink.write(doc, manifest, kv, entry)
             built.append(doc.id)
             bar_docs.update(1)
             bar_tok.update(len(encoded[doc.id]))
@@ -245,6 +306,6 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
         bar_tok.close()
         bar_docs.close()
     if not todo:
-        _write_library(out, library)
-    return BuildReport(out=str(out), entries=[library[d.id] for d in docs], built=built, skipped=skipped,
+        sink.finish()
+    return BuildReport(out=str(out), entries=[entries[d.id] for d in docs], built=built, skipped=skipped,
                        errors=[str(e) for e in bad], seconds=time.perf_counter() - t_start)

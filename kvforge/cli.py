@@ -48,7 +48,13 @@ def cli():
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="output folder for .kv files and library.json")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="output: a folder for .kv files and library.json, or a zarr library (a path ending in .zarr)")
+@click.option("--format", "fmt", default=None, type=click.Choice(["kv", "zarr"]),
+              help="kv: one .kv file per document; zarr: one zarr v3 library [default: zarr when OUT ends in .zarr]")
+@click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "int4"]),
+              help="store keys and values as int8 / int4 codes (per-channel keys, per-token values), "
+                   "applied after compression")
 @click.option("--method", default="compactor", show_default=True, help="compression method (see `kvforge methods`)")
 @click.option("--keep", default="0.5", show_default=True,
               help="fraction of (layer, head, token) entries to keep, in (0, 1]; or 'auto': per document, the "
@@ -63,8 +69,10 @@ def cli():
 @click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of a summary")
 @click.option("--no-progress", is_flag=True, help="hide progress bars")
-def build(sources, out, method, keep, tolerance, model, dtype, seed, skip_bad, force, as_json, no_progress):
-    """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json.
+def build(sources, out, fmt, quant, method, keep, tolerance, model, dtype, seed, skip_bad, force, as_json,
+          no_progress):
+    """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json,
+    or into one zarr library (-o lib.zarr; ship it zipped with `kvforge convert`).
 
     Every document is read and checked first: an empty, binary, non-UTF-8 or
     too long document stops the build before anything is written (or is
@@ -74,7 +82,7 @@ def build(sources, out, method, keep, tolerance, model, dtype, seed, skip_bad, f
     from .builder import build as run_build
 
     report = run_build(list(sources), out, method=method, keep=keep, model=model, dtype=dtype, seed=seed,
-                       tolerance=tolerance, skip_bad=skip_bad, force=force,
+                       tolerance=tolerance, quant=quant, format=fmt, skip_bad=skip_bad, force=force,
                        progress=not no_progress and not as_json)
     if as_json:
         _emit_json(report.to_dict())
@@ -105,15 +113,19 @@ def _keep_distribution(keeps: list[float], tolerance: float) -> str:
     return "\n".join(lines)
 
 
+DOC_HELP = "with a zarr library: the document to use (optional when the library holds one)"
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.argument("question")
+@click.option("--doc", "doc_id", default=None, help=DOC_HELP)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP + " (default: the artifact's own)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the answer, timings and sizes")
 @click.option("--no-verify", is_flag=True, help="skip the tensor checksum (faster load of trusted files)")
-def query(artifact, question, max_new_tokens, model, as_json, no_verify):
-    """Answer QUESTION from ARTIFACT, streaming the answer.
+def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify):
+    """Answer QUESTION from ARTIFACT (a .kv file, or a lib.zarr / lib.zarr.zip library with --doc), streaming.
 
     The question continues at the document's logical position; the source
     text is not read or re-encoded.
@@ -121,7 +133,7 @@ def query(artifact, question, max_new_tokens, model, as_json, no_verify):
     from .runtime import load
 
     t0 = time.perf_counter()
-    doc = load(artifact, model=model, verify=not no_verify)
+    doc = load(artifact, model=model, verify=not no_verify, doc=doc_id)
     if as_json:
         answer = doc.answer(question, max_new_tokens=max_new_tokens)
     else:
@@ -134,6 +146,7 @@ def query(artifact, question, max_new_tokens, model, as_json, no_verify):
             "answer": answer,
             "question": question,
             "artifact": str(artifact),
+            "doc": doc.manifest["document"]["id"],
             "load_s": round(doc.load_s, 4),
             "ttft_s": round(s.ttft_s, 4),
             "tokens_per_s": round(s.tokens_per_s, 2),
@@ -152,16 +165,31 @@ def query(artifact, question, max_new_tokens, model, as_json, no_verify):
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
+@click.option("--doc", "doc_id", default=None, help=DOC_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the full summary as JSON")
 @click.option("--no-verify", is_flag=True, help="skip the tensor checksum")
-def inspect(artifact, as_json, no_verify):
+def inspect(artifact, doc_id, as_json, no_verify):
     """Show an artifact's header, kept counts per layer and head, bytes and achieved keep.
 
-    Reads and verifies the file only; no model is loaded.
+    Reads and verifies the file only; no model is loaded. For a zarr library
+    without --doc, lists its documents.
     """
+    from . import zarr_store
     from .artifact import read, summarize
 
-    info = summarize(read(artifact, verify=not no_verify))
+    if zarr_store.is_library(artifact):
+        if doc_id is None and len(zarr_store.list_ids(artifact)) != 1:
+            ids = zarr_store.list_ids(artifact)
+            if as_json:
+                _emit_json({"library": str(artifact), "documents": ids})
+            else:
+                click.echo(f"{artifact}: kvforge library, {len(ids)} document(s); inspect one with --doc ID")
+                for i in ids:
+                    click.echo(f"  {i}")
+            return
+        info = summarize(zarr_store.read(artifact, doc_id, verify=not no_verify))
+    else:
+        info = summarize(read(artifact, verify=not no_verify))
     if as_json:
         _emit_json(info)
         return
@@ -185,6 +213,53 @@ def inspect(artifact, as_json, no_verify):
     click.echo("  kept per layer (one column per KV head):")
     for layer, row in enumerate(info["kept_per_layer_head"]):
         click.echo(f"    {layer:3d}  " + " ".join(f"{c:6d}" for c in row))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per checked document")
+def verify(paths, as_json):
+    """Check artifacts and libraries end to end: structure, schema, chunk checksums, tensor digests.
+
+    PATHS are .kv files, folders of them, lib.zarr folders or lib.zarr.zip files.
+    Exit status 0 when everything holds, 1 when any document fails.
+    """
+    from .verify import verify_paths
+
+    results = verify_paths(paths)
+    if as_json:
+        _emit_json({"ok": all(r["ok"] for r in results), "documents": results})
+    else:
+        for r in results:
+            click.echo(f"{'ok  ' if r['ok'] else 'FAIL'} {r['path']}" + ("" if r["ok"] else f": {r['error']}"))
+        bad = sum(not r["ok"] for r in results)
+        click.echo(f"{len(results) - bad} ok, {bad} failed")
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.argument("dest", type=click.Path())
+@click.option("--doc", "doc_id", default=None, help="with a library SOURCE: convert only this document")
+@click.option("--overwrite", is_flag=True, help="replace DEST if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report")
+def convert(source, dest, doc_id, overwrite, as_json):
+    """Convert losslessly between .kv files and zarr libraries.
+
+    \b
+      kvforge convert out/ lib.zarr            .kv folder -> zarr library folder
+      kvforge convert lib.zarr lib.zarr.zip    zip a library for shipping
+      kvforge convert lib.zarr.zip out/        library -> .kv files (byte-identical to the originals)
+    """
+    from .convert import convert as run_convert
+
+    report = run_convert(source, dest, doc=doc_id, overwrite=overwrite)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(f"{len(report.documents)} document(s): {report.source} ({report.bytes_in} bytes) -> "
+                   f"{report.dest} ({report.bytes_out} bytes)")
 
 
 @cli.command()

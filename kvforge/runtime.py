@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import artifact as _artifact
+from . import zarr_store as _zarr
 from .attention import RaggedCache, use_ragged_attention
 from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError, ResourceLimitError
 from .model import EMBEDDED, LoadedModel, Template, load_model
@@ -253,17 +254,29 @@ def resolve_model_for(manifest: dict, model) -> LoadedModel:
                                  f"from {source!r})") from exc
 
 
-def load(path: str | os.PathLike, model=None, *, verify: bool = True) -> Doc:
+def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None) -> Doc:
     """Load an artifact, check it against its model, and return a :class:`Doc`.
 
+    ``path``: a ``.kv`` file, or a zarr library (``lib.zarr`` folder or ``lib.zarr.zip``) with ``doc``
+    naming the document (optional when the library holds one). Only that document is read.
     ``model``: ``None`` (the artifact's own model if found, else ``$KVFORGE_MODEL`` or the embedded default),
     a model directory, ``"embedded"``, or a loaded model from a previous call.
+    ``verify=False`` skips the tensor digest (structure, shapes and finiteness are always checked).
     """
     t0 = time.perf_counter()
-    manifest, _, _ = _artifact.read_header(path)  # cheap: refuse a wrong model before reading tensors
+    library = _zarr.is_library(path)
+    if library:
+        doc, manifest = _zarr.read_manifest(path, doc)
+        where = f"{path}:{doc}"
+    else:
+        if doc is not None:
+            raise KvforgeError(f"{path}: --doc applies to a zarr library (lib.zarr or lib.zarr.zip), "
+                               "not to a .kv file")
+        manifest, _, _ = _artifact.read_header(path)  # cheap: refuse a wrong model before reading tensors
+        where = str(path)
     lm = resolve_model_for(manifest, model)
-    check_model(manifest, lm, str(path))
-    art = _artifact.read(path, verify=verify)
-    doc = Doc(artifact=art, lm=lm)
-    doc.load_s = time.perf_counter() - t0
-    return doc
+    check_model(manifest, lm, where)
+    art = _zarr.read(path, doc, verify=verify) if library else _artifact.read(path, verify=verify)
+    loaded = Doc(artifact=art, lm=lm)
+    loaded.load_s = time.perf_counter() - t0
+    return loaded

@@ -1,0 +1,55 @@
+"""``kvforge verify``: check artifacts and libraries end to end, document by document.
+
+Reads every document as the runtime would, with every check on (structure,
+schema, chunk crc32c, tensor digest); one failure does not stop the others.
+No model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import artifact as _artifact
+from . import zarr_store
+from .errors import KvforgeError
+
+
+def verify_paths(paths) -> list[dict]:
+    """One result per document: {path, doc, ok, error, bytes}."""
+    results = []
+    for raw in paths:
+        path = Path(raw)
+        if zarr_store.is_library(path):
+            try:
+                ids = zarr_store.list_ids(path)
+            except KvforgeError as exc:
+                results.append(_result(str(path), None, exc))
+                continue
+            for doc_id in ids:
+                results.append(_check(f"{path}:{doc_id}", doc_id,
+                                      lambda p=path, d=doc_id: zarr_store.read(p, d, verify=True)))
+        elif path.is_dir():
+            files = sorted(path.glob("*.kv"))
+            if not files:
+                results.append(_result(str(path), None, KvforgeError(f"{path}: no .kv files and not a library")))
+            for f in files:
+                results.append(_check(str(f), None, lambda f=f: _artifact.read(f, verify=True)))
+        else:
+            results.append(_check(str(path), None, lambda p=path: _artifact.read(p, verify=True)))
+    return results
+
+
+def _check(where: str, doc_id, load) -> dict:
+    try:
+        art = load()
+    except KvforgeError as exc:
+        return _result(where, doc_id, exc)
+    return {"path": where, "doc": art.manifest["document"]["id"], "ok": True, "error": None,
+            "bytes": art.file_bytes, "version": art.manifest["version"]}
+
+
+def _result(where: str, doc_id, exc: Exception) -> dict:
+    return {"path": where, "doc": doc_id, "ok": False, "error": str(exc), "bytes": None, "version": None}
+
+
+__all__ = ["verify_paths"]

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 import kvforge
-from kvforge import artifact, convert, quantize, zarr_store
+from kvforge import artifact, quantize, zarr_store
 from kvforge.cli import cli
 from kvforge.errors import FormatError, IntegrityError, KvforgeError, UnsupportedVersionError
 from kvforge.ragged import CompressedKV

@@ -82,7 +82,7 @@ def tensor_names(num_layers: int, has_beta: bool, quantization: str) -> set[str]
     """The exact tensor set of an artifact (spec section 3)."""
     per_layer = ["positions", "keys", "values"]
     if quantization != "none":
-        per_layer += ["key_scale", "key_min", "value_scale", "value_min"]
+        per_layer += ["key_scale", "key_min", "value_scale"]
     if has_beta:
         per_layer.append("beta")
     return {"lengths"} | {f"layer.{l}.{k}" for l in range(num_layers) for k in per_layer}
@@ -103,9 +103,8 @@ def kv_to_tensors(kv: CompressedKV, dtype: torch.dtype, quantization: str = "non
             codes, scale, minimum = _quant.quantize_keys(keys, counts, bits)
             tensors |= {f"layer.{layer}.keys": codes, f"layer.{layer}.key_scale": scale,
                         f"layer.{layer}.key_min": minimum}
-            codes, scale, minimum = _quant.quantize_values(values, bits)
-            tensors |= {f"layer.{layer}.values": codes, f"layer.{layer}.value_scale": scale,
-                        f"layer.{layer}.value_min": minimum}
+            codes, scale = _quant.quantize_values(values, bits)
+            tensors |= {f"layer.{layer}.values": codes, f"layer.{layer}.value_scale": scale}
         if kv.beta is not None:
             tensors[f"layer.{layer}.beta"] = kv.beta[layer].to(torch.float32).contiguous()
     return tensors
@@ -347,7 +346,7 @@ def check_tensor_set(found: set[str], manifest: dict, where: str) -> None:
     """Refuse a container whose tensor names differ from what the manifest implies (before reading data)."""
     storage = manifest["storage"]
     L = manifest["model"]["num_layers"]
-    per_layer = 3 + (4 if storage["quantization"] != "none" else 0) + (1 if storage["has_beta"] else 0)
+    per_layer = 3 + (3 if storage["quantization"] != "none" else 0) + (1 if storage["has_beta"] else 0)
     if len(found) != 1 + L * per_layer:  # counted first: no name set is built for a lying num_layers
         raise FormatError(f"{where}: tensor set does not match the manifest: {len(found)} tensors, "
                           f"the manifest implies {1 + L * per_layer}")
@@ -406,11 +405,10 @@ def _check_tensors(tensors: dict, manifest: dict, where: str) -> CompressedKV:
             width = D * bits // 8
             counts = [int(c) for c in lengths[layer].tolist()]
             k = _quant.dequantize_keys(expect(f"layer.{layer}.keys", torch.uint8, (n, width)),
-                                       expect(f"layer.{layer}.key_scale", torch.float32, (H, D)),
-                                       expect(f"layer.{layer}.key_min", torch.float32, (H, D)), counts, bits, D)
+                                       expect(f"layer.{layer}.key_scale", torch.float16, (H, D)),
+                                       expect(f"layer.{layer}.key_min", torch.float16, (H, D)), counts, bits, D)
             v = _quant.dequantize_values(expect(f"layer.{layer}.values", torch.uint8, (n, width)),
-                                         expect(f"layer.{layer}.value_scale", torch.float16, (n,)),
-                                         expect(f"layer.{layer}.value_min", torch.float16, (n,)), bits, D)
+                                         expect(f"layer.{layer}.value_scale", torch.float16, (n,)), bits, D)
             for name, t in (("keys", k), ("values", v)):
                 t = t.to(dtype)
                 if not bool(torch.isfinite(t).all()):

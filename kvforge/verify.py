@@ -21,13 +21,15 @@ def verify_paths(paths) -> list[dict]:
         path = Path(raw)
         if zarr_store.is_library(path):
             try:
-                ids = zarr_store.list_ids(path)
+                checked = zarr_store.check_each(path)
             except KvforgeError as exc:
                 results.append(_result(str(path), None, exc))
                 continue
-            for doc_id in ids:
-                results.append(_check(f"{path}:{doc_id}", doc_id,
-                                      lambda p=path, d=doc_id: zarr_store.read(p, d, verify=True)))
+            for group, outcome in checked:
+                if isinstance(outcome, KvforgeError):  # a plain group name is the document id
+                    results.append(_result(f"{path}:{group}", None if group.startswith("x-") else group, outcome))
+                else:
+                    results.append(_check(f"{path}:{group}", None, lambda a=outcome: a))
         elif path.is_dir():
             files = sorted(path.glob("*.kv"))
             if not files:

@@ -55,7 +55,7 @@ _DTYPES = {"int32": (np.int32, torch.int32), "uint8": (np.uint8, torch.uint8), "
 _ZARR_DTYPE = {torch.int32: "int32", torch.uint8: "uint8", torch.bfloat16: "uint16", torch.float16: "float16",
                torch.float32: "float32"}
 # arrays flattened over layers along their first axis, and arrays stacked per layer
-_FLAT = ("positions", "keys", "values", "value_scale", "value_min", "beta")
+_FLAT = ("positions", "keys", "values", "value_scale", "beta")
 _STACKED = ("key_scale", "key_min")
 
 
@@ -399,6 +399,23 @@ def read_stored(path: str | os.PathLike, doc_id: str) -> tuple[dict, dict[str, t
         return lib.read_stored(lib.resolve(doc_id))
 
 
+def check_each(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """(group, loaded Artifact or the KvforgeError it raised) for every document group, all checks on.
+
+    Walks groups rather than ids, so that a document whose manifest is damaged is reported, not hidden.
+    """
+    results = []
+    with _guarded(open_library)(path) as lib:
+        for name in _guarded(lambda p: lib.store.children())(path):
+            def one(p, name=name):
+                return lib.read(lib.group(name)[0]["document"]["id"], verify=True)
+            try:
+                results.append((name, _guarded(one)(path)))
+            except KvforgeError as exc:
+                results.append((name, exc))
+    return results
+
+
 @_guarded
 def list_ids(path: str | os.PathLike) -> list[str]:
     with open_library(path) as lib:
@@ -409,8 +426,8 @@ def list_ids(path: str | os.PathLike) -> list[str]:
 _CODECS_WRITTEN = [{"name": "bytes", "configuration": {"endian": "little"}},
                    {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}},
                    {"name": "crc32c"}]
-_ARRAY_DTYPES = {"lengths": {"int32"}, "positions": {"int32"}, "key_scale": {"float32"}, "key_min": {"float32"},
-                 "value_scale": {"float16"}, "value_min": {"float16"}, "beta": {"float32"}}
+_ARRAY_DTYPES = {"lengths": {"int32"}, "positions": {"int32"}, "key_scale": {"float16"}, "key_min": {"float16"},
+                 "value_scale": {"float16"}, "beta": {"float32"}}
 
 
 def _quant_bits(storage: dict) -> int:
@@ -426,7 +443,7 @@ def _array_names(storage: dict) -> dict:
              "values": lambda L, H, D, N, W: (N, D if dense else W)}
     if not dense:
         names |= {"key_scale": lambda L, H, D, N, W: (L, H, D), "key_min": lambda L, H, D, N, W: (L, H, D),
-                  "value_scale": lambda L, H, D, N, W: (N,), "value_min": lambda L, H, D, N, W: (N,)}
+                  "value_scale": lambda L, H, D, N, W: (N,)}
     if storage["has_beta"]:
         names["beta"] = lambda L, H, D, N, W: (N,)
     return names
@@ -656,7 +673,7 @@ def write_stored(path: str | os.PathLike, manifest: dict, tensors: dict[str, tor
                 _fsync_write(cpath, data)
                 total += len(data)
             meta = spec.to_json()
-            raw_meta = (json.dumps(meta, indent=2) + "\n").encode()
+            raw_meta = json.dumps(meta, separators=(",", ":")).encode()
             _fsync_write(adir / "zarr.json", raw_meta)
             total += len(raw_meta)
             consolidated[name] = meta
@@ -666,7 +683,7 @@ def write_stored(path: str | os.PathLike, manifest: dict, tensors: dict[str, tor
             info["build"] = build_entry
         group = {"zarr_format": 3, "node_type": "group", "attributes": {"kvforge": info},
                  "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": consolidated}}
-        raw_group = (json.dumps(group, indent=2, ensure_ascii=False) + "\n").encode()
+        raw_group = json.dumps(group, separators=(",", ":"), ensure_ascii=False).encode()
         _fsync_write(stage / "zarr.json", raw_group)
         total += len(raw_group)
         _fsync_dir(stage)

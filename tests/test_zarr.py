@@ -87,23 +87,26 @@ def test_quantization_error_is_within_half_a_step(bits):
     step = scale.repeat_interleave(torch.tensor(counts), 0)
     assert bool(((back - x).abs() <= step / 2 + 1e-5).all())
     v = kv.values[0]
-    codes, scale, minimum = quantize.quantize_values(v, bits)
-    back = quantize.dequantize_values(codes, scale, minimum, bits, v.shape[1])
-    # value scales are float16: half a step plus the float16 rounding of the minimum
-    tol = scale.float()[:, None] / 2 + minimum.float().abs()[:, None] * 2 ** -10 + 1e-4
-    assert bool(((back - v).abs() <= tol).all())
+    codes, scale = quantize.quantize_values(v, bits)
+    back = quantize.dequantize_values(codes, scale, bits, v.shape[1])
+    # symmetric per entry: max|x| / (2**(bits-1) - 1) per step, half a step of error at most
+    assert bool(((back - v).abs() <= scale.float()[:, None] / 2 + 1e-5).all())
+    assert torch.allclose(scale.float(), v.abs().amax(1) / (2 ** (bits - 1) - 1), rtol=2e-3)
 
 
 def test_quantization_edge_cases_stay_finite():
-    """A constant head, an empty head, a single entry: no NaN, exact where the range is zero."""
+    """A constant head, an empty head, a single entry, zeros: no NaN; exact where the range is zero."""
     x = torch.cat([torch.full((3, 4), 2.5), torch.randn(1, 4)])
     codes, scale, minimum = quantize.quantize_keys(x, [3, 0, 1], 4)
     back = quantize.dequantize_keys(codes, scale, minimum, [3, 0, 1], 4, 4)
     assert torch.isfinite(back).all() and torch.equal(back[:3], x[:3])
-    codes, scale, minimum = quantize.quantize_values(torch.zeros(0, 4), 8)
+    codes, scale = quantize.quantize_values(torch.zeros(0, 4), 8)
     assert codes.shape == (0, 4) and scale.shape == (0,)
-    codes, scale, minimum = quantize.quantize_values(torch.full((2, 4), -1.0), 8)
-    assert torch.equal(quantize.dequantize_values(codes, scale, minimum, 8, 4), torch.full((2, 4), -1.0))
+    codes, scale = quantize.quantize_values(torch.zeros(2, 4), 4)  # an all-zero entry: scale 0, exact
+    assert torch.equal(quantize.dequantize_values(codes, scale, 4, 4), torch.zeros(2, 4))
+    codes, scale = quantize.quantize_values(torch.full((2, 4), -1.0), 8)
+    back = quantize.dequantize_values(codes, scale, 8, 4)
+    assert bool(((back + 1).abs() <= scale.float()[:, None] / 2).all()) and codes.min() >= 1  # code 0 unused
 
 
 def test_int4_packs_two_codes_per_byte():
@@ -131,11 +134,11 @@ def test_quantized_artifact_round_trip(tmp_path, quant):
     artifact.write(plain, _manifest(kv, 40), kv)
     assert artifact.read(plain).manifest["version"] == "1.0.0"  # unquantized files stay readable by 1.0 readers
     payload = lambda p: p.stat().st_size - 8 - int.from_bytes(p.read_bytes()[:8], "little")  # noqa: E731
-    # exact byte accounting (spec section 3): per entry codes + int32 position + f32 beta + two f16 value
-    # scales; per (layer, head, channel) two f32 key scales; the int32 lengths
+    # exact byte accounting (spec section 3): per entry codes + int32 position + f32 beta + one f16 value
+    # scale; per (layer, head, channel) two f16 key scales; the int32 lengths
     N, (L, H), D = kv.kept, kv.lengths.shape, 64
     assert payload(plain) == N * (2 * D * 2 + 4 + 4) + L * H * 4
-    assert payload(path) == N * (2 * D * bits // 8 + 4 + 4 + 2 * 2) + L * H * D * 2 * 4 + L * H * 4
+    assert payload(path) == N * (2 * D * bits // 8 + 4 + 4 + 2) + L * H * D * 2 * 2 + L * H * 4
 
 
 def test_int4_needs_an_even_head_dim(tmp_path):
@@ -157,11 +160,16 @@ def test_quantization_in_a_1_0_file_is_refused(tmp_path):
 def test_huge_scales_that_dequantize_to_inf_are_refused(tmp_path):
     kv = _random_kv()
     manifest, tensors = artifact.prepare(_manifest(kv, 40, quant="int8"), kv, "x")
-    tensors["layer.0.key_scale"] = torch.full_like(tensors["layer.0.key_scale"], 3e38)
+    tensors["layer.0.key_scale"] = torch.full_like(tensors["layer.0.key_scale"], float("inf"))
     manifest["tensors_sha256"] = artifact.tensor_digest(tensors)
     path = tmp_path / "inf.kv"
     path.write_bytes(artifact.encode(manifest, tensors))
     with pytest.raises(IntegrityError, match="NaN or Inf"):
+        artifact.read(path)
+    tensors["layer.0.key_scale"] = torch.full_like(tensors["layer.0.key_scale"], 60000.0)  # finite, but the
+    manifest["tensors_sha256"] = artifact.tensor_digest(tensors)  # keys overflow float16 once dequantized
+    path.write_bytes(artifact.encode(manifest, tensors))
+    with pytest.raises(IntegrityError, match="dequantize to NaN or Inf"):
         artifact.read(path)
 
 

@@ -134,6 +134,7 @@ class _ZipStore(_Store):
     def __init__(self, path: Path):
         self.where = str(path)
         try:
+            size = path.stat().st_size
             self.zf = zipfile.ZipFile(path)
             infos = self.zf.infolist()
         except FileNotFoundError:
@@ -152,6 +153,9 @@ class _ZipStore(_Store):
             if info.compress_type != zipfile.ZIP_STORED and not name.endswith("/"):
                 raise FormatError(f"{path}: zip entry {name!r} is compressed; kvforge libraries store entries "
                                   "uncompressed (their chunks are zstd already). Repack with `kvforge convert`")
+            if info.compress_size != info.file_size or info.header_offset + info.file_size > size:
+                raise FormatError(f"{path}: zip entry {name!r} claims {info.compress_size} stored bytes for "
+                                  f"{info.file_size} (or more than the {size}-byte file holds); the zip is corrupt")
             self.entries[name] = info
 
     def size(self, key):
@@ -308,7 +312,13 @@ class Library:
             raise FormatError(f"{where}: arrays {sorted(arrays_meta)[:8]} do not match the manifest's "
                               f"{sorted(expected)}")
         specs = {name: _ArraySpec.parse(arrays_meta[name], f"{where}/{name}") for name in expected}
-        lengths = self._read_array(group, "lengths", specs["lengths"], expected["lengths"](L, H, D, 0, 0))
+        # lengths is read first (it sizes everything else): bound it by its own stored bytes
+        spec = specs["lengths"]
+        stored_lengths = sum(self.store.size(f"{group}/lengths/{key}") or 0 for key in spec.chunk_keys())
+        if spec.nbytes > MAX_EXPANSION * stored_lengths + SLACK:
+            raise FormatError(f"{where}/lengths: {spec.nbytes} decoded bytes from {stored_lengths} stored bytes is "
+                              f"beyond the {MAX_EXPANSION}x expansion kvforge accepts; refused as a decompression bomb")
+        lengths = self._read_array(group, "lengths", spec, expected["lengths"](L, H, D, 0, 0))
         if bool((lengths < 0).any()) or bool((lengths > manifest["document"]["logical_length"]).any()):
             raise FormatError(f"{where}: lengths out of [0, logical_length]")
         N = int(lengths.sum())
@@ -524,12 +534,13 @@ class _ArraySpec:
             raise FormatError(f"{where}: chunk is not a zstd frame ({exc})") from exc
         if size != self.chunk_nbytes:
             raise FormatError(f"{where}: chunk declares {size} decoded bytes, the array needs {self.chunk_nbytes}")
-        try:
-            data = zstandard.ZstdDecompressor().decompress(body, max_output_size=self.chunk_nbytes)
+        try:  # zstd enforces the declared content size, checked above, so the output is bounded
+            dobj = zstandard.ZstdDecompressor().decompressobj()
+            data = dobj.decompress(body)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{where}: chunk does not decompress ({exc})") from exc
-        if len(data) != self.chunk_nbytes:
-            raise IntegrityError(f"{where}: chunk decompresses to {len(data)} bytes, expected {self.chunk_nbytes}")
+        if len(data) != self.chunk_nbytes or not dobj.eof or dobj.unused_data:
+            raise IntegrityError(f"{where}: chunk is not exactly one zstd frame of {self.chunk_nbytes} bytes")
         return data
 
     def to_json(self) -> dict:
@@ -634,10 +645,11 @@ def create(path: str | os.PathLike) -> Path:
     if root.is_dir() and (root / "zarr.json").exists():
         _check_root(_json(_DirStore(root), "zarr.json"), str(root))
         return root
-    if root.is_dir() and any(root.iterdir()):
+    # hidden names are a concurrent creator's temporary file or staging folder, not foreign content
+    if root.is_dir() and any(not p.name.startswith(".") and p.name != "zarr.json" for p in root.iterdir()):
         raise FormatError(f"{root}: a non-empty folder that is not a kvforge library; choose a new path")
     root.mkdir(parents=True, exist_ok=True)
-    _artifact.atomic_write_bytes(root / "zarr.json", _root_json())
+    _artifact.atomic_write_bytes(root / "zarr.json", _root_json())  # identical bytes if two creators race
     return root
 
 

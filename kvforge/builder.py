@@ -10,6 +10,7 @@ sequential executor with progress bars and resume.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from . import artifact as _artifact
 from . import zarr_store
+from .budget import allocate
 from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
 from .corpus import Document, load_corpus
 from .errors import ConfigError, FormatError, KvforgeError
@@ -43,6 +45,7 @@ class BuildConfig:
     seed: int = 0
     tolerance: float | None = None  # with keep "auto": the largest proxy KL accepted
     quant: str = "none"  # storage quantization: none, int8, int4 (applied after compression)
+    allocate: str = "uniform"  # per-head budgets: the method's own split, or "pilot" (kvforge.budget)
 
     @property
     def auto(self) -> bool:
@@ -50,7 +53,8 @@ class BuildConfig:
 
     @staticmethod
     def make(method: str | dict | Compressor = "compactor", keep: float | str = 0.5, dtype: str = "float16",
-             seed: int = 0, tolerance: float | None = None, quant: str = "none") -> "BuildConfig":
+             seed: int = 0, tolerance: float | None = None, quant: str = "none",
+             allocate: str = "uniform") -> "BuildConfig":
         if isinstance(method, Compressor):
             m = method.to_dict()
         elif isinstance(method, dict):
@@ -81,7 +85,12 @@ class BuildConfig:
             raise ConfigError(f"dtype must be one of {sorted(_artifact.STORAGE_DTYPES)}, got {dtype!r}")
         if quant not in _artifact.QUANTIZATIONS:
             raise ConfigError(f"quant must be one of {', '.join(_artifact.QUANTIZATIONS)}, got {quant!r}")
-        return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance, quant=quant)
+        if allocate not in ("uniform", "pilot"):
+            raise ConfigError(f"allocate must be uniform or pilot, got {allocate!r}")
+        if m["name"] == "full":
+            allocate = "uniform"
+        return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance, quant=quant,
+                           allocate=allocate)
 
     def digest(self) -> str:
         return hashlib.sha256(_artifact.canonical_json(asdict(self)).encode()).hexdigest()
@@ -93,7 +102,9 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
     ids = input_ids if input_ids is not None else lm.encode_document(doc.text)
     check_length(len(ids), lm.info.max_context, doc.path or doc.id)
     compressor = Compressor.from_dict(config.method)
-    kv = prefill(lm.model, ids, queries=compressor.needs_queries, pre_rope_keys=compressor.needs_pre_rope_keys)
+    pilot = config.allocate == "pilot"
+    kv = prefill(lm.model, ids, queries=compressor.needs_queries or pilot,
+                 pre_rope_keys=compressor.needs_pre_rope_keys)
     L, H, T, _ = kv.shape
     ctx = CompressionContext(model=lm, seed=config.seed)
     extra = {}
@@ -102,6 +113,12 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
         extra["calibration"] = record.to_dict()
     else:
         keep = config.keep
+        out = None if pilot else compressor.compress(kv, Budget(keep=keep), ctx)
+    if pilot and keep < 1.0:
+        budget, allocation = allocate(kv, compressor, keep, dataclasses.replace(ctx, keep=keep))
+        out = compressor.compress(kv, budget, dataclasses.replace(ctx, keep=keep))
+        extra["allocation"] = allocation.to_dict()
+    elif out is None:
         out = compressor.compress(kv, Budget(keep=keep), ctx)
     total = L * H * T
     manifest = {
@@ -225,7 +242,7 @@ class _ZarrSink:
 
 def build(sources, out, method: str | dict | Compressor = "compactor", keep: float | str = 0.5, model=None, *,
           dtype: str = "float16", seed: int = 0, tolerance: float | None = None, quant: str = "none",
-          format: str | None = None, skip_bad: bool = False, force: bool = False,
+          allocate: str = "uniform", format: str | None = None, skip_bad: bool = False, force: bool = False,
           progress: bool = True) -> BuildReport:
     """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``, or into one zarr library.
 
@@ -234,6 +251,8 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     keep: a fraction in (0, 1], or ``"auto"``: per document, the smallest keep whose
     recall proxy stays within ``tolerance`` (see :mod:`kvforge.calibrate`).
     quant: ``none``, ``int8`` or ``int4`` storage of keys and values.
+    allocate: ``uniform`` (the method's own split of each layer's budget) or ``pilot``: per-head
+    counts redistributed from a pilot run's per-head difficulty (see :mod:`kvforge.budget`).
     format: ``kv`` (a folder of .kv files) or ``zarr`` (one library store); default: ``zarr``
     when ``out`` ends in ``.zarr``, else ``kv``.
     """
@@ -242,7 +261,7 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     t_start = time.perf_counter()
-    config = BuildConfig.make(method, keep, dtype, seed, tolerance, quant)
+    config = BuildConfig.make(method, keep, dtype, seed, tolerance, quant, allocate)
     out = Path(out)
     format = format or ("zarr" if out.suffix == ".zarr" else "kv")
     if format not in ("kv", "zarr"):
@@ -291,6 +310,7 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
                 "method": comp["method"],
                 "storage_dtype": config.dtype,
                 "quantization": config.quant,
+                "allocate": config.allocate,
                 "config_sha256": config.digest(),
                 "model": lm.info.name,
                 "model_weights_sha256": lm.info.weights_sha256,

@@ -62,6 +62,9 @@ def cli():
 @click.option("--tolerance", default=None, type=float,
               help="with --keep auto: the largest mean KL (nats per token) on recall probes accepted "
                    "[default: 0.1]; smaller keeps more")
+@click.option("--allocate", default="uniform", show_default=True, type=click.Choice(["uniform", "pilot"]),
+              help="per-head budgets: the method's own split, or redistributed toward hard heads from a "
+                   "cheap pilot run (same total)")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]), help="storage dtype of keys and values")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed for methods with randomness")
@@ -69,8 +72,8 @@ def cli():
 @click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of a summary")
 @click.option("--no-progress", is_flag=True, help="hide progress bars")
-def build(sources, out, fmt, quant, method, keep, tolerance, model, dtype, seed, skip_bad, force, as_json,
-          no_progress):
+def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dtype, seed, skip_bad, force,
+          as_json, no_progress):
     """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json,
     or into one zarr library (-o lib.zarr; ship it zipped with `kvforge convert`).
 
@@ -82,7 +85,8 @@ def build(sources, out, fmt, quant, method, keep, tolerance, model, dtype, seed,
     from .builder import build as run_build
 
     report = run_build(list(sources), out, method=method, keep=keep, model=model, dtype=dtype, seed=seed,
-                       tolerance=tolerance, quant=quant, format=fmt, skip_bad=skip_bad, force=force,
+                       tolerance=tolerance, quant=quant, allocate=allocate, format=fmt, skip_bad=skip_bad,
+                       force=force,
                        progress=not no_progress and not as_json)
     if as_json:
         _emit_json(report.to_dict())
@@ -295,6 +299,8 @@ def _number(value: str, option: str) -> float:
 @click.option("--keep", "keeps", default="0.5,0.25,0.1", show_default=True,
               help="keep ratios, comma-separated; 'auto' for the per-document calibrated keep")
 @click.option("--tolerance", default=0.1, show_default=True, type=float, help="the tolerance of --keep auto")
+@click.option("--allocate", "allocations", default="uniform", show_default=True,
+              help="per-head budget allocations to compare, comma-separated: uniform, pilot")
 @click.option("--tasks", default=None, help="task kinds, comma-separated (default: all)")
 @click.option("--lengths", default="1024,2048", show_default=True, help="document lengths in tokens")
 @click.option("--samples", default=2, show_default=True, type=click.IntRange(1, 1000), help="samples per task kind and length")
@@ -305,7 +311,7 @@ def _number(value: str, option: str) -> float:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for rows.jsonl, report.md, summary.json, plots")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def eval_(methods, keeps, tolerance, tasks, lengths, samples, against, seed, max_new_tokens, model, out, no_progress,
+def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, against, seed, max_new_tokens, model, out, no_progress,
           as_json):
     """Evaluate methods side by side on generated long-context tasks.
 
@@ -345,8 +351,12 @@ def eval_(methods, keeps, tolerance, tasks, lengths, samples, against, seed, max
         raise click.BadParameter(f"--keep {keeps!r}: every keep must be in (0, 1] or 'auto'")
     if not tolerance > 0:
         raise click.BadParameter(f"--tolerance must be > 0, got {tolerance}")
+    alloc_list = _csv(allocations)
+    if not alloc_list or set(alloc_list) - {"uniform", "pilot"}:
+        raise click.BadParameter(f"--allocate {allocations!r}: give uniform, pilot or both")
     cfg = EvalConfig(methods=method_names, keeps=keep_list, kinds=kinds, lengths=_csv(lengths, int),
-                     samples=samples, seed=seed, against=presses, max_new_tokens=max_new_tokens, tolerance=tolerance)
+                     samples=samples, seed=seed, against=presses, max_new_tokens=max_new_tokens, tolerance=tolerance,
+                     allocations=alloc_list)
     lm = load_model(model)
     budgets: dict = {}
 

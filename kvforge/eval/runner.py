@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
+from ..budget import allocate
 from ..calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate, kl_divergence  # noqa: F401 (re-exported)
 from ..methods import Budget, CompressionContext, Compressor, get_method
 from ..methods.base import keep_all
@@ -47,6 +48,7 @@ class EvalConfig:
     against: list[str] = field(default_factory=list)  # kvpress press names
     max_new_tokens: int = 24
     tolerance: float = DEFAULT_TOLERANCE  # for keep "auto" (kvforge methods only)
+    allocations: list[str] = field(default_factory=lambda: ["uniform"])  # "pilot": kvforge.budget per head
 
 
 def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:
@@ -61,10 +63,12 @@ def _row_key(task_id: str, method: str, keep: float | str) -> str:
 
 
 def _configs(cfg: EvalConfig) -> list[tuple[str, float]]:
+    """(label, keep) of every configuration; a pilot-allocated method is labelled ``<method>+pilot``."""
     out = [("full", 1.0)]
     for m in cfg.methods:
         if m != "full":
-            out += [(m, k) for k in cfg.keeps]
+            for a in cfg.allocations:
+                out += [(m if a == "uniform" else f"{m}+{a}", k) for k in cfg.keeps]
     out += [(f"kvpress:{p}", k) for p in cfg.against for k in cfg.keeps if k != "auto"]
     return out
 
@@ -88,7 +92,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
     tasks = generate(lm.tokenizer, cfg.kinds, cfg.lengths, cfg.samples, cfg.seed)
     configs = _configs(cfg)
     compressors: dict[str, Compressor] = {m: get_method(m) for m in cfg.methods if m != "full"}
-    needs_q = any(c.needs_queries for c in compressors.values())
+    needs_q = any(c.needs_queries for c in compressors.values()) or "pilot" in cfg.allocations
     needs_pre = any(c.needs_pre_rope_keys for c in compressors.values())
     bar = tqdm(total=len(tasks) * len(configs), desc="eval", unit="run", disable=not progress)
     bar.update(sum(_row_key(t.id, m, k) in done for t in tasks for m, k in configs))
@@ -114,12 +118,19 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                     ckv, build_s = full_kv, prefill_s
                 elif method.startswith("kvpress:"):
                     ckv, build_s = kvpress_adapter.press_prefill(lm.model, ids, method.split(":", 1)[1], keep)
-                elif keep == "auto":
-                    _, ckv, record = calibrate(lm, ids, kv, compressors[method], CompressionContext(model=lm, seed=cfg.seed),
-                                               CalibrationConfig(tolerance=cfg.tolerance))
-                    build_s = prefill_s + time.perf_counter() - t1
                 else:
-                    ckv = compressors[method].compress(kv, Budget(keep), CompressionContext(model=lm, seed=cfg.seed))
+                    name, _, alloc = method.partition("+")
+                    ctx = CompressionContext(model=lm, seed=cfg.seed)
+                    if keep == "auto":
+                        chosen, ckv, record = calibrate(lm, ids, kv, compressors[name], ctx,
+                                                        CalibrationConfig(tolerance=cfg.tolerance))
+                    else:
+                        chosen, ckv = keep, None
+                    if alloc == "pilot" and chosen < 1.0:
+                        budget, _ = allocate(kv, compressors[name], chosen, replace(ctx, keep=chosen))
+                        ckv = compressors[name].compress(kv, budget, replace(ctx, keep=chosen))
+                    elif ckv is None:
+                        ckv = compressors[name].compress(kv, Budget(keep), ctx)
                     build_s = prefill_s + time.perf_counter() - t1
                 if on_kv is not None:
                     on_kv(task, method, keep, ckv)
@@ -129,6 +140,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                 row = {
                     "task": task.id, "kind": task.kind, "target_length": int(task.id.split("-")[-3]),
                     "length": T, "method": method, "keep": keep,
+                    "allocate": "pilot" if method.endswith("+pilot") else "uniform",
                     "keep_achieved": ckv.kept / (ckv.lengths.numel() * T),
                     "score": task.score(answer),
                     "kl_qa": kl_divergence(ref_qa, doc.logits(task.question, ref_answer, include_question=True)),

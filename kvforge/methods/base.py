@@ -27,16 +27,37 @@ from ..ragged import CompressedKV
 class Budget:
     """How much to keep. ``keep`` is the fraction of (layer, head, token) entries kept.
 
-    Per-layer totals are ``round(keep * kv_heads * tokens)``; a later pilot
-    allocation may set ``layer_totals`` explicitly.
+    Per-layer totals are ``round(keep * kv_heads * tokens)``; ``layer_totals`` sets them
+    explicitly, ``head_totals`` (layers x kv_heads, from a pilot allocation) sets every
+    head's count, overriding the method's own split.
     """
 
     keep: float
     layer_totals: list[int] | None = None
+    head_totals: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 < self.keep <= 1.0):
             raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+
+    @staticmethod
+    def uniform_heads(keep: float, layers: int, heads: int, tokens: int) -> "Budget":
+        """Every (layer, head) keeps the same count: the pilot run's budget."""
+        k = max(1, min(tokens, round(keep * tokens)))
+        return Budget(keep=keep, head_totals=[[k] * heads for _ in range(layers)])
+
+    def per_head(self, layers: int, heads: int, tokens: int) -> torch.Tensor:
+        """(layers, heads) counts: ``head_totals`` if set, else each layer's total split evenly."""
+        if self.head_totals is not None:
+            t = torch.tensor(self.head_totals, dtype=torch.long)
+            if tuple(t.shape) != (layers, heads):
+                raise ConfigError(f"head_totals has shape {tuple(t.shape)}, expected {(layers, heads)}")
+            return t.clamp(1, tokens)
+        out = torch.zeros(layers, heads, dtype=torch.long)
+        for layer, total in enumerate(self.totals(layers, heads, tokens)):
+            base, extra = divmod(total, heads)
+            out[layer] = torch.tensor([min(tokens, base + (h < extra)) for h in range(heads)])
+        return out.clamp(1, tokens)
 
     def totals(self, layers: int, heads: int, tokens: int) -> list[int]:
         if self.layer_totals is not None:
@@ -90,6 +111,11 @@ class Compressor:
     needs_queries: ClassVar[bool] = False  # prefill must capture the post-RoPE queries
     needs_pre_rope_keys: ClassVar[bool] = False  # prefill must capture the keys before RoPE
     produces_beta: ClassVar[bool] = False  # output carries an attention bias
+
+    @property
+    def keeps_originals(self) -> bool:
+        """Whether the output's keys and values are original entries (False: fitted or optimized)."""
+        return True
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
         raise NotImplementedError
@@ -200,7 +226,13 @@ class ScoredCompressor(Compressor):
         keep_mask = torch.zeros(L, H, T, dtype=torch.bool)
         totals = budget.totals(L, H, T)
         floor = H * int(protected.sum())
-        if self.scope == "global":
+        if budget.head_totals is not None:  # a pilot allocation fixed every head's count
+            counts = budget.per_head(L, H, T).clamp_min(int(protected.sum()))
+            for layer in range(L):
+                for h in range(H):
+                    top = torch.topk(scores[layer, h], k=int(counts[layer, h]), sorted=False).indices
+                    keep_mask[layer, h, top] = True
+        elif self.scope == "global":
             total = max(sum(totals), L * floor)
             top = torch.topk(scores.reshape(-1), k=min(total, L * H * T), sorted=False).indices
             keep_mask.view(-1)[top] = True

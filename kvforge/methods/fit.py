@@ -1,0 +1,139 @@
+"""Shared machinery of the fitting methods (select_fit, sculpt) and of pilot allocation.
+
+**Reference queries** stand in for the questions nobody knows at build time: the
+post-RoPE queries the model itself produced while prefilling the document, a
+seeded sample of positions per layer, every query head of a KV head's group.
+A query captured at position ``t`` is rotated by RoPE to the document's end
+(``q' = R(T - t) q``, as if the same query came with the question): questions
+arrive after the document, so every document key is in their past, and a
+reference that attends to "future" keys at negative distances would ask the fit
+for the wrong thing. ``position="own"`` keeps the captured rotation (the
+measurement that decided this is in BENCHMARKS.md).
+
+**Targets** are what the full cache gives those queries, per layer and KV head:
+the attention output ``O = softmax(Q K^T s) V`` and the log-mass
+``lse = logsumexp(Q K^T s)``; the mass decides how a prefix weighs against the
+question's own tokens once those are appended.
+
+Shapes: per layer, queries ``(H, M, D)`` with ``M = group * samples``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..prefill import KV
+
+
+@dataclass
+class Reference:
+    """Reference queries of one document: per layer (H, M, D) float32, and the attention scale."""
+
+    queries: list[torch.Tensor]
+    scale: float
+
+    def targets(self, kv: KV, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-cache output (H, M, D) and log-mass (H, M) of the reference queries at ``layer``."""
+        return attend(self.queries[layer], kv.keys[layer].float(), kv.values[layer].float(), self.scale)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, beta: torch.Tensor | None = None,
+           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention of q (H, M, D) over k, v (H, n, D) with optional beta / valid (H, n).
+
+    Returns the output (H, M, D) and the log-mass (H, M) of the logits.
+    """
+    logits = torch.einsum("hmd,hnd->hmn", q, k) * scale
+    if beta is not None:
+        logits = logits + beta[:, None, :]
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], -1e30)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.einsum("hmn,hnd->hmd", torch.exp(logits - lse[..., None]), v)
+    return out, lse
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _attention_scale(model, head_dim: int) -> float:
+    try:
+        return float(model.model.layers[0].self_attn.scaling)
+    except AttributeError:
+        return head_dim ** -0.5
+
+
+@torch.no_grad()
+def reference(kv: KV, model=None, samples: int = 256, position: str = "end", seed: int = 0) -> Reference:
+    """Sample reference queries from the prefill's captured queries.
+
+    kv.queries: (L, Hq, T, D) post-RoPE. ``model`` (the HF model) provides the rotary
+    embedding for ``position="end"``; without it the captured rotation is kept.
+    """
+    if kv.queries is None:
+        raise ValueError("reference queries need the prefill's queries (needs_queries = True)")
+    L, Hq, T, D = kv.queries.shape
+    H = kv.shape[1]
+    group = Hq // H
+    g = torch.Generator().manual_seed(seed)
+    n = min(samples, T)
+    pos = torch.sort(torch.randperm(T, generator=g)[:n]).values  # (n,)
+    q = kv.queries[:, :, pos].float()  # (L, Hq, n, D)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None) if model is not None else None
+    if position == "end" and rotary is not None:
+        shift = (T - pos).unsqueeze(0)  # (1, n): rotate each query from its position to T
+        cos, sin = rotary(q[0, :1], shift)  # (1, n, D)
+        q = q * cos.float() + _rotate_half(q) * sin.float()
+    elif position not in ("end", "own"):
+        raise ValueError(f"position must be 'end' or 'own', got {position!r}")
+    # (L, Hq, n, D) -> per layer (H, group * n, D): a KV head's reference is its query heads' queries
+    per_layer = [q[l].reshape(H, group * n, D).contiguous() for l in range(L)]
+    return Reference(queries=per_layer, scale=_attention_scale(model, D) if model is not None else D ** -0.5)
+
+
+def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least-squares values: argmin ||probs V - target||^2 + lam ||V - v0||^2.
+
+    probs (M, k), target (M, D), v0 (k, D) -> (k, D). ``lam = ridge * mean(diag(probs^T probs))``
+    pulls under-determined entries (few queries, near-duplicate keys) toward their original values;
+    solved in float64 by Cholesky, with a least-squares fallback for a singular system.
+    """
+    a = probs.double()
+    gram = a.T @ a
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    lhs = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    rhs = a.T @ target.double() + lam * v0.double()
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        out = torch.cholesky_solve(rhs, chol)
+    else:
+        out = torch.linalg.lstsq(lhs, rhs).solution
+    out = out.to(torch.float32)
+    return torch.where(torch.isfinite(out), out, v0.float())
+
+
+def head_errors(kv: KV, compressed, ref: Reference) -> torch.Tensor:
+    """Per (layer, KV head) difficulty of a compressed cache: relative output error + log-mass error.
+
+    (L, H) float32; ``compressed`` is a CompressedKV (beta applied when present).
+    """
+    L, H = compressed.lengths.shape
+    errors = torch.zeros(L, H)
+    for layer in range(L):
+        out, lse = ref.targets(kv, layer)
+        offsets = compressed.layer_offsets(layer)
+        for h in range(H):
+            a, b = offsets[h], offsets[h + 1]
+            if b == a:
+                errors[layer, h] = 2.0  # nothing kept: the whole output and mass are lost
+                continue
+            beta = compressed.beta[layer][a:b][None] if compressed.beta is not None else None
+            o, s = attend(ref.queries[layer][h:h + 1], compressed.keys[layer][a:b][None].float(),
+                          compressed.values[layer][a:b][None].float(), ref.scale, beta)
+            rel = ((o[0] - out[h]) ** 2).sum() / (out[h] ** 2).sum().clamp_min(1e-12)
+            errors[layer, h] = float(rel) + float(((s[0] - lse[h]) ** 2).mean())
+    return errors

@@ -1,0 +1,99 @@
+"""Select+Fit (the KVSculpt paper's baseline): evict by attention mass, then refit values by least squares.
+
+1. Score every (layer, KV head, token) by the attention the reference queries
+   (:mod:`kvforge.methods.fit`) give it under a softmax over the whole document;
+   keep the top entries per layer (or per head, with a pilot allocation), plus
+   sink and recent tokens.
+2. Per head, replace the kept values by the least-squares solution that makes
+   the attention output over the kept keys match the full cache's output for
+   the reference queries (ridge toward the original values).
+
+Keys stay original (post-RoPE, as cached); no beta, so the prefix's attention
+mass shrinks with what was evicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..prefill import KV
+from ..ragged import CompressedKV
+from .base import Budget, CompressionContext, ScoredCompressor, gather, register
+from .fit import Reference, attend, fit_values, reference
+
+
+def _model_of(ctx: CompressionContext):
+    lm = ctx.model
+    return getattr(lm, "model", None) if lm is not None else None
+
+
+@register
+@dataclass
+class SelectFit(ScoredCompressor):
+    """Select+Fit: keep the entries reference queries attend to most, then refit their values by least squares."""
+
+    name = "select_fit"
+    needs_queries = True
+
+    sink: int = 4
+    recent: int = 8
+    score_samples: int = 4096  # query positions that score the keys (all of a document up to this)
+    samples: int = 256  # reference query positions per layer for the value fit (times the group's heads)
+    position: str = "end"  # rotate reference queries to the document's end ("own": keep their position)
+    ridge: float = 0.1
+    refit: bool = True  # False: selection only (the eviction half, for comparisons)
+
+    @property
+    def keeps_originals(self) -> bool:
+        return not self.refit
+
+    def reference(self, kv: KV, ctx: CompressionContext, samples: int | None = None) -> Reference:
+        return reference(kv, _model_of(ctx), samples or self.samples, self.position, ctx.seed)
+
+    def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
+        ref = self.reference(kv, ctx, self.score_samples)
+        L, H, T, _ = kv.shape
+        scores = torch.empty(L, H, T)
+        for layer in range(L):
+            logits = torch.einsum("hmd,hnd->hmn", ref.queries[layer], kv.keys[layer].float()) * ref.scale
+            scores[layer] = torch.softmax(logits, dim=-1).mean(dim=1)  # (H, T) mean attention per key
+        return scores
+
+    def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
+        ref = self.reference(kv, ctx)
+        scores = self.score(kv, ctx)
+
+        def compress_at(budget: Budget) -> CompressedKV:
+            out = gather(kv, self.select(scores, budget))
+            return refit_values(kv, out, ref, self.ridge) if self.refit else out
+
+        return compress_at
+
+    def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
+        return self.prepare(kv, dataclasses.replace(ctx, keep=budget.keep))(budget)
+
+
+def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> CompressedKV:
+    """Least-squares values for the kept keys of every head (keys and positions unchanged)."""
+    values = []
+    for layer in range(len(out.keys)):
+        target, _ = ref.targets(kv, layer)  # (H, M, D)
+        offsets = out.layer_offsets(layer)
+        new = out.values[layer].float().clone()
+        for h in range(len(offsets) - 1):
+            a, b = offsets[h], offsets[h + 1]
+            if b == a:
+                continue
+            k = out.keys[layer][a:b].float()[None]
+            logits = torch.einsum("hmd,hnd->hmn", ref.queries[layer][h:h + 1], k) * ref.scale
+            probs = torch.softmax(logits, dim=-1)[0]  # (M, n)
+            new[a:b] = fit_values(probs, target[h], new[a:b], ridge)
+        values.append(new.to(out.values[layer].dtype))
+    return dataclasses.replace(out, values=values)
+
+
+__all__ = ["SelectFit", "refit_values", "attend"]

@@ -1,0 +1,171 @@
+"""Select+Fit, KVSculpt and pilot allocation on random tensors: fits that fit, budgets that add up, no NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvforge.budget import allocate, redistribute
+from kvforge.methods import Budget, CompressionContext, get_method
+from kvforge.methods.base import gather
+from kvforge.methods.fit import fit_values, head_errors, reference
+from kvforge.prefill import KV
+
+
+def structured_kv(L=2, H=2, T=96, D=16, group=2, seed=0) -> KV:
+    """Keys in a few clusters with queries that prefer some of them: attention that compression can keep."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(6, D, generator=g) * 2
+    keys = centers[torch.randint(0, 6, (L, H, T), generator=g)] + 0.3 * torch.randn(L, H, T, D, generator=g)
+    values = torch.randn(L, H, T, D, generator=g)
+    queries = (centers[torch.randint(0, 3, (L, H * group, T), generator=g)]
+               + 0.5 * torch.randn(L, H * group, T, D, generator=g))
+    return KV(keys=keys, values=values, queries=queries.half(), keys_pre_rope=keys.clone())
+
+
+CTX = CompressionContext(seed=0)
+
+
+def _error(kv, out, samples=96) -> float:
+    return float(head_errors(kv, out, reference(kv, None, samples, "own", 0)).mean())
+
+
+def test_refit_lowers_the_output_error_of_the_same_selection():
+    kv = structured_kv()
+    evict = get_method("select_fit", refit=False, ridge=1e-3).compress(kv, Budget(0.25), CTX)
+    fitted = get_method("select_fit", ridge=1e-3).compress(kv, Budget(0.25), CTX)
+    assert torch.equal(evict.lengths, fitted.lengths)
+    assert all(torch.equal(a, b) for a, b in zip(evict.positions, fitted.positions))
+    assert _error(kv, fitted) < 0.8 * _error(kv, evict)
+
+
+def test_sculpt_lowers_the_error_of_its_start_and_carries_beta():
+    kv = structured_kv()
+    start = get_method("sculpt", steps=0, samples=96, position="own").compress(kv, Budget(0.2), CTX)
+    sculpt = get_method("sculpt", steps=20, samples=96, position="own").compress(kv, Budget(0.2), CTX)
+    assert sculpt.beta is not None and torch.equal(start.lengths, sculpt.lengths)
+    assert _error(kv, sculpt) < _error(kv, start)
+    again = get_method("sculpt", steps=20, samples=96, position="own").compress(kv, Budget(0.2), CTX)
+    assert all(torch.equal(a, b) for a, b in zip(sculpt.keys, again.keys))  # deterministic
+
+
+def test_fit_values_handles_rank_deficient_systems():
+    probs = torch.zeros(8, 4)
+    probs[:, 0] = probs[:, 1] = 0.5  # two identical columns, two columns no query attends to
+    target = torch.randn(8, 3)
+    v0 = torch.randn(4, 3)
+    out = fit_values(probs, target, v0, ridge=1e-6)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[2:], v0[2:], atol=1e-4, rtol=0)  # unattended entries keep their values
+    # duplicates share the correction evenly, and together they fit the (least-squares) target
+    torch.testing.assert_close(out[0] - v0[0], out[1] - v0[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(0.5 * (out[0] + out[1]), target.mean(0), atol=1e-3, rtol=0)
+    out = fit_values(torch.zeros(8, 4), target, v0, ridge=0.0)  # all-zero system: the fallback
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["select_fit", "sculpt"])
+@pytest.mark.parametrize("case", ["zero_head", "one_token", "keep_near_1", "fp16"])
+def test_numerical_robustness(name, case):
+    kv = structured_kv(T=48)
+    keep = 0.3
+    if case == "zero_head":
+        kv.keys[0, 1] = 0
+        kv.values[0, 1] = 0
+    elif case == "one_token":
+        keep = 0.001
+    elif case == "keep_near_1":
+        keep = 0.999
+    elif case == "fp16":
+        kv = KV(keys=kv.keys.half(), values=kv.values.half(), queries=kv.queries, keys_pre_rope=kv.keys_pre_rope.half())
+    config = {"steps": 6, "samples": 48, "position": "own"} if name == "sculpt" else {"samples": 48}
+    out = get_method(name, **config).compress(kv, Budget(keep), CTX)
+    for layer in range(len(out.keys)):
+        for t in (out.keys[layer], out.values[layer]) + ((out.beta[layer],) if out.beta is not None else ()):
+            assert bool(torch.isfinite(t.float()).all()), (case, layer)
+    assert bool((out.lengths >= 1).all())
+    if case == "zero_head":  # an all-zero head is represented by zeros, not by garbage
+        a, b = out.layer_offsets(0)[1:3]
+        assert float(out.values[0][a:b].abs().max()) < 1e-3
+
+
+def test_redistribute_is_exact_bounded_and_follows_difficulty():
+    difficulty = torch.tensor([[1.0, 100.0, 0.0], [4.0, 4.0, 1e6]])
+    counts = redistribute(difficulty, total=60, floor=2, cap=40)
+    assert int(counts.sum()) == 60 and bool((counts >= 2).all()) and bool((counts <= 40).all())
+    assert counts[0, 1] > counts[0, 0] >= counts[0, 2] and int(counts[1, 2]) == 40  # the hardest hits the cap
+    assert int(redistribute(torch.ones(2, 2), total=10_000, floor=1, cap=5).sum()) == 20  # capped total
+
+
+def test_pilot_allocation_keeps_the_total_and_moves_budget_to_hard_heads():
+    kv = structured_kv(L=3, H=2, T=64)
+    # make one head much harder: values that vary wildly across tokens it attends to
+    kv.values[1, 0] *= 10
+    method = get_method("select_fit", samples=64, position="own")
+    budget, alloc = allocate(kv, method, 0.25, CTX)
+    counts = torch.tensor(budget.head_totals)
+    assert int(counts.sum()) == alloc.uniform * 3 * 2
+    out = method.compress(kv, budget, CTX)
+    assert torch.equal(out.lengths.long(), counts)
+    assert alloc.to_dict()["head_totals"] == budget.head_totals
+
+
+def test_per_head_budget_is_exact_for_scored_methods():
+    kv = structured_kv(L=2, H=2, T=64)
+    budget = Budget(keep=0.25, head_totals=[[10, 22], [30, 6]])
+    for name in ("compactor", "knorm", "select_fit"):
+        method = get_method(name, sink=2, recent=2)
+        out = method.compress(kv, budget, CTX)
+        assert out.lengths.tolist() == [[10, 22], [30, 6]], name
+
+
+def test_reference_rotates_queries_to_the_end_with_a_model(tiny_llama):
+    from kvforge.model import load_model
+    from kvforge.prefill import prefill
+
+    lm = load_model(str(tiny_llama))
+    ids = lm.encode_document("The quick brown fox jumps over the lazy dog. " * 8)
+    kv = prefill(lm.model, ids, queries=True)
+    own = reference(kv, lm.model, 16, "own", 0)
+    end = reference(kv, lm.model, 16, "end", 0)
+    # a rotation: norms are kept, directions change (except for queries already at the end)
+    torch.testing.assert_close(own.queries[0].norm(dim=-1), end.queries[0].norm(dim=-1), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(own.queries[0], end.queries[0])
+    # an end-rotated query of position t against key s scores like the original query at T against it
+    T = kv.shape[2]
+    assert own.scale == end.scale == lm.model.model.layers[0].self_attn.scaling
+    assert T > 16
+
+
+def test_build_sculpt_with_pilot_allocation_end_to_end(tmp_path, docs, tiny_llama):
+    """The Python API takes the command line's options; beta and the allocation reach the artifact."""
+    import kvforge
+    from kvforge import artifact
+
+    report = kvforge.build(docs, tmp_path / "lib", method="sculpt", keep=0.25, allocate="pilot",
+                           model=str(tiny_llama), progress=False)
+    assert sorted(report.built) == ["assert", "del", "pass"]
+    art = artifact.read(tmp_path / "lib" / "assert.kv")
+    assert art.manifest["storage"]["has_beta"] and art.kv.beta is not None
+    alloc = art.manifest["compression"]["extra"]["allocation"]
+    assert alloc["rule"] == "sqrt" and alloc["pilot"] == "select_fit"
+    assert art.kv.lengths.tolist() == alloc["head_totals"]
+    doc = kvforge.load(tmp_path / "lib" / "assert.kv", model=str(tiny_llama))
+    assert torch.isfinite(doc.logits("What does assert do?", "It checks")).all()
+
+
+def test_eval_compares_uniform_and_pilot_allocation(tmp_path, tiny_llama):
+    import json
+
+    from click.testing import CliRunner
+
+    from kvforge.cli import cli
+
+    r = CliRunner().invoke(cli, ["eval", "--methods", "select_fit", "--keep", "0.25", "--allocate", "uniform,pilot",
+                                 "--tasks", "niah_number", "--lengths", "256", "--samples", "1", "--model",
+                                 str(tiny_llama), "--out", str(tmp_path / "ev"), "--no-progress", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
+    assert {(x["method"], x["allocate"]) for x in rows} == {("full", "uniform"), ("select_fit", "uniform"),
+                                                          ("select_fit+pilot", "pilot")}

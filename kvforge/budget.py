@@ -9,8 +9,9 @@ if a head's error falls as ``c / k`` with its count ``k``, the pilot gives
 ``k ∝ sqrt(c)`` — hard heads get more, easy ones less — clipped to
 ``[floor, tokens]`` by water-filling so that the total stays exact.
 
-The pilot method is the method itself when it is cheap (selection methods) and
-Select+Fit for sculpt (one least-squares refit instead of an optimization).
+The pilot method is the method itself when it is cheap (selection methods) and,
+for sculpt, the selection it starts from (the compactor by default) instead of
+an optimization.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def allocate(kv: KV, method: Compressor, keep: float, ctx: CompressionContext,
              floor: int | None = None) -> tuple[Budget, Allocation]:
     """A budget with per-head counts from a pilot run at ``keep``; the same total as uniform."""
     L, H, T, _ = kv.shape
-    pilot = get_method("select_fit", samples=getattr(method, "samples", 256)) if method.name == "sculpt" else method
+    pilot = get_method(method.init) if method.name == "sculpt" else method
     uniform = Budget.uniform_heads(keep, L, H, T)
     compressed = pilot.compress(kv, uniform, ctx)
     ref = reference(kv, getattr(ctx.model, "model", None), getattr(method, "samples", 256),

@@ -42,11 +42,13 @@ def test_refit_lowers_the_output_error_of_the_same_selection():
 def test_sculpt_lowers_the_error_of_its_start_and_carries_beta():
     kv = structured_kv()
     start = get_method("sculpt", steps=0, samples=96, position="own").compress(kv, Budget(0.2), CTX)
-    sculpt = get_method("sculpt", steps=20, samples=96, position="own").compress(kv, Budget(0.2), CTX)
-    assert sculpt.beta is not None and torch.equal(start.lengths, sculpt.lengths)
-    assert _error(kv, sculpt) < _error(kv, start)
-    again = get_method("sculpt", steps=20, samples=96, position="own").compress(kv, Budget(0.2), CTX)
-    assert all(torch.equal(a, b) for a, b in zip(sculpt.keys, again.keys))  # deterministic
+    for keys in (False, True):
+        sculpt = get_method("sculpt", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
+        assert sculpt.beta is not None and torch.equal(start.lengths, sculpt.lengths)
+        assert _error(kv, sculpt) < _error(kv, start)
+        assert all(torch.equal(a, b) for a, b in zip(sculpt.keys, start.keys)) != keys  # keys move only if asked
+        again = get_method("sculpt", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
+        assert all(torch.equal(a, b) for a, b in zip(sculpt.values, again.values))  # deterministic
 
 
 def test_fit_values_handles_rank_deficient_systems():
@@ -148,7 +150,7 @@ def test_build_sculpt_with_pilot_allocation_end_to_end(tmp_path, docs, tiny_llam
     art = artifact.read(tmp_path / "lib" / "assert.kv")
     assert art.manifest["storage"]["has_beta"] and art.kv.beta is not None
     alloc = art.manifest["compression"]["extra"]["allocation"]
-    assert alloc["rule"] == "sqrt" and alloc["pilot"] == "select_fit"
+    assert alloc["rule"] == "sqrt" and alloc["pilot"] == "compactor"
     assert art.kv.lengths.tolist() == alloc["head_totals"]
     doc = kvforge.load(tmp_path / "lib" / "assert.kv", model=str(tiny_llama))
     assert torch.isfinite(doc.logits("What does assert do?", "It checks")).all()

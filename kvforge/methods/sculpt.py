@@ -48,7 +48,7 @@ class Sculpt(Compressor):
     init: str = "compactor"  # the selection it starts from: "compactor" or "select_fit"
     steps: int = 10  # L-BFGS iterations per layer
     refit_every: int = 5  # values re-solved after every this many iterations
-    keys: bool = True  # optimize the keys (False: beta and values only)
+    keys: bool = False  # also optimize the keys (measured to overfit the reference queries: BENCHMARKS.md)
     beta: bool = True
     mass_weight: float = 1.0
     samples: int = 512  # reference query positions per layer (times the query heads of a KV head)
@@ -158,7 +158,7 @@ class Sculpt(Compressor):
                 best = (current, K_param.detach().clone(), beta.detach().clone(), V.clone())
         _, K_best, beta_best, V_best = best
         K_best = K_best * key_scale
-        out_k = torch.cat([K_best[h, : counts[h]] for h in range(H)])
+        out_k = torch.cat([K_best[h, : counts[h]] for h in range(H)]) if self.keys else flat_k
         out_v = torch.cat([V_best[h, : counts[h]] for h in range(H)])
         out_b = torch.cat([beta_best[h, : counts[h]] for h in range(H)])
         return out_k, out_v, out_b

@@ -210,6 +210,11 @@ def inspect(artifact, doc_id, as_json, no_verify):
         steps = ", ".join(f"{t['keep']:g}: {t['kl']:.3g}" for t in cal["trace"])
         click.echo(f"  calibrated keep auto, tolerance {cal['tolerance']:g} ({cal['proxy']}, {cal['probes']} probes): "
                    f"chose {cal['keep']:g}; trace keep: KL {steps or '(too short to probe)'}")
+    alloc = info["extra"].get("allocation")
+    if alloc:
+        flat = [c for row in alloc["head_totals"] for c in row]
+        click.echo(f"  allocate  pilot ({alloc['pilot']} at {alloc['uniform_per_head']} per head, rule "
+                   f"{alloc['rule']}): per-head counts {min(flat)}..{max(flat)}")
     click.echo(f"  storage   {info['storage']['dtype']}, quantization {info['storage']['quantization']}, "
                f"beta {'yes' if info['storage']['has_beta'] else 'no'}")
     click.echo(f"  bytes     {info['artifact_bytes']} ({info['bytes_per_token']:.0f} per token; "

@@ -154,6 +154,12 @@ def test_build_sculpt_with_pilot_allocation_end_to_end(tmp_path, docs, tiny_llam
     assert art.kv.lengths.tolist() == alloc["head_totals"]
     doc = kvforge.load(tmp_path / "lib" / "assert.kv", model=str(tiny_llama))
     assert torch.isfinite(doc.logits("What does assert do?", "It checks")).all()
+    from click.testing import CliRunner
+
+    from kvforge.cli import cli
+
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "lib" / "assert.kv")]).output
+    assert "allocate  pilot (compactor" in shown and "beta yes" in shown
 
 
 def test_eval_compares_uniform_and_pilot_allocation(tmp_path, tiny_llama):

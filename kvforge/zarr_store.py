@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -110,7 +111,11 @@ class _DirStore(_Store):
     def get(self, key, limit):
         path = self._path(key)
         try:
-            with open(path, "rb") as fh:
+            # non-blocking open and a regular-file check: a FIFO or a device planted in a library cannot hang us
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise FormatError(f"{self.where}: {key} is not a regular file; refused")
                 data = fh.read(limit + 1)
         except FileNotFoundError:
             raise FormatError(f"{self.where}: {key} is missing; the library is incomplete") from None

@@ -308,6 +308,15 @@ def test_hostile_group_metadata_is_refused(tmp_path, edit, match):
         zarr_store.read(lib, "a")
 
 
+def test_a_fifo_planted_in_a_library_folder_is_refused_not_waited_on(tmp_path):
+    lib = _lib_with(tmp_path, {"a": _random_kv()})
+    chunk = lib / "a" / "keys" / "c" / "0" / "0"
+    chunk.unlink()
+    os.mkfifo(chunk)
+    with pytest.raises(FormatError, match="not a regular file|missing|stored"):
+        zarr_store.read(lib, "a")
+
+
 def test_corrupt_chunk_is_caught_by_its_checksum(tmp_path):
     lib = _lib_with(tmp_path, {"a": _random_kv()})
     chunk = lib / "a" / "keys" / "c" / "0" / "0"

@@ -466,7 +466,12 @@ def summarize(art: Artifact) -> dict:
     }
 
 
-def guard(fn):
+# what hostile bytes can make a parser raise; converted to FormatError at the boundary
+FOREIGN_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError,
+                  AttributeError, RuntimeError, MemoryError)
+
+
+def guard(fn, what: str = "artifact"):
     """Decorator for entry points: any non-kvforge exception from reading becomes a FormatError."""
 
     def wrapper(*args, **kwargs):
@@ -474,8 +479,8 @@ def guard(fn):
             return fn(*args, **kwargs)
         except KvforgeError:
             raise
-        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError) as exc:
-            raise FormatError(f"{args[0] if args else ''}: unreadable artifact ({type(exc).__name__}: {exc})") from exc
+        except FOREIGN_ERRORS as exc:
+            raise FormatError(f"{args[0] if args else ''}: unreadable {what} ({type(exc).__name__}: {exc})") from exc
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

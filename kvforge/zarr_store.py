@@ -380,17 +380,7 @@ def open_library(path: str | os.PathLike) -> Library:
 
 
 def _guarded(fn):
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KvforgeError:
-            raise
-        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError,
-                AttributeError, RuntimeError, MemoryError) as exc:
-            raise FormatError(f"{args[0] if args else ''}: unreadable library ({type(exc).__name__}: {exc})") from exc
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
+    return _artifact.guard(fn, "library")
 
 
 @_guarded

@@ -40,6 +40,9 @@ def cli():
       kvforge build docs/ -o lib/ --method compactor --keep 0.5
       kvforge query lib/notes.kv "What is the deadline?"
       kvforge inspect lib/notes.kv
+      kvforge build docs/ -o lib.zarr --keep 0.25 --quant int8     # one zarr library
+      kvforge query lib.zarr --doc notes "What is the deadline?"
+      kvforge convert lib.zarr lib.zarr.zip && kvforge verify lib.zarr.zip
 
     Environment: KVFORGE_HOME (model cache, default ~/.cache/kvforge),
     KVFORGE_MODEL (default model).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .methods import Budget, CompressionContext, Compressor, get_method
-from .methods.fit import head_errors, reference
+from .methods.fit import head_errors, hf_model, reference
 from .prefill import KV
 
 
@@ -76,7 +76,7 @@ def allocate(kv: KV, method: Compressor, keep: float, ctx: CompressionContext,
     pilot = get_method(method.init) if method.name == "sculpt" else method
     uniform = Budget.uniform_heads(keep, L, H, T)
     compressed = pilot.compress(kv, uniform, ctx)
-    ref = reference(kv, getattr(ctx.model, "model", None), getattr(method, "samples", 256),
+    ref = reference(kv, hf_model(ctx), getattr(method, "samples", 256),
                     getattr(method, "position", "end"), ctx.seed)
     difficulty = head_errors(kv, compressed, ref)
     k0 = int(uniform.head_totals[0][0])

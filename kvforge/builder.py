@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__
 from . import artifact as _artifact
 from . import zarr_store
-from .budget import allocate
+from .budget import allocate as pilot_allocation
 from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
 from .corpus import Document, load_corpus
 from .errors import ConfigError, FormatError, KvforgeError
@@ -102,24 +102,11 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
     ids = input_ids if input_ids is not None else lm.encode_document(doc.text)
     check_length(len(ids), lm.info.max_context, doc.path or doc.id)
     compressor = Compressor.from_dict(config.method)
-    pilot = config.allocate == "pilot"
-    kv = prefill(lm.model, ids, queries=compressor.needs_queries or pilot,
+    kv = prefill(lm.model, ids, queries=compressor.needs_queries or config.allocate == "pilot",
                  pre_rope_keys=compressor.needs_pre_rope_keys)
     L, H, T, _ = kv.shape
-    ctx = CompressionContext(model=lm, seed=config.seed)
-    extra = {}
-    if config.auto:
-        keep, out, record = calibrate(lm, ids, kv, compressor, ctx, CalibrationConfig(tolerance=config.tolerance))
-        extra["calibration"] = record.to_dict()
-    else:
-        keep = config.keep
-        out = None if pilot else compressor.compress(kv, Budget(keep=keep), ctx)
-    if pilot and keep < 1.0:
-        budget, allocation = allocate(kv, compressor, keep, dataclasses.replace(ctx, keep=keep))
-        out = compressor.compress(kv, budget, dataclasses.replace(ctx, keep=keep))
-        extra["allocation"] = allocation.to_dict()
-    elif out is None:
-        out = compressor.compress(kv, Budget(keep=keep), ctx)
+    keep, out, extra = compress_document(lm, ids, kv, compressor, config.keep, tolerance=config.tolerance,
+                                         allocate=config.allocate, seed=config.seed)
     total = L * H * T
     manifest = {
         "format": _artifact.FORMAT_NAME,
@@ -141,6 +128,31 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
         "tensors_sha256": "0" * 64,  # filled by the writer
     }
     return manifest, out
+
+
+def compress_document(lm: LoadedModel, ids: list[int], kv, compressor: Compressor, keep: float | str, *,
+                      tolerance: float | None = None, allocate: str = "uniform",
+                      seed: int = 0) -> tuple[float, CompressedKV, dict]:
+    """Compress one prefilled document: (keep used, compressed KV, ``compression.extra``).
+
+    ``keep`` ``"auto"`` calibrates it first; ``allocate="pilot"`` then sets per-head counts from a
+    pilot run (:mod:`kvforge.budget`). Shared by the build and ``kvforge eval``.
+    """
+    ctx = CompressionContext(model=lm, seed=seed)
+    extra: dict = {}
+    out = None
+    if keep == "auto":
+        keep, out, record = calibrate(lm, ids, kv, compressor, ctx,
+                                      CalibrationConfig(tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance))
+        extra["calibration"] = record.to_dict()
+    if allocate == "pilot" and keep < 1.0:
+        ctx = dataclasses.replace(ctx, keep=keep)
+        budget, allocation = pilot_allocation(kv, compressor, keep, ctx)
+        out = compressor.compress(kv, budget, ctx)
+        extra["allocation"] = allocation.to_dict()
+    elif out is None:
+        out = compressor.compress(kv, Budget(keep=keep), ctx)
+    return keep, out, extra
 
 
 @dataclass
@@ -220,12 +232,9 @@ class _ZarrSink:
         self.out = out
 
     def current(self, doc: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
-        try:
+        try:  # one zarr.json read; a missing document is a FormatError like a damaged one
             with zarr_store.open_library(self.out) as lib:
-                if doc.id not in lib.ids():
-                    return None
-                entry = lib.build_entry(doc.id)
-                manifest = lib.manifest(doc.id)
+                manifest, entry = lib.manifest_and_build(doc.id)
         except FormatError:
             return None
         ok = _entry_is_current(entry, doc, config, lm) and manifest["document"]["sha256"] == doc.sha256

@@ -293,13 +293,11 @@ class Library:
     def manifest(self, doc_id: str) -> dict:
         return self.group(group_name(doc_id))[0]
 
-    def build_entry(self, doc_id: str) -> dict | None:
-        """What the build recorded about this document (informative; not covered by the digest)."""
-        try:
-            entry = self.group(group_name(doc_id))[1]["attributes"]["kvforge"].get("build")
-        except KvforgeError:
-            return None
-        return entry if isinstance(entry, dict) else None
+    def manifest_and_build(self, doc_id: str) -> tuple[dict, dict | None]:
+        """The checked manifest and what the build recorded (informative; not covered by the digest)."""
+        manifest, meta = self.group(group_name(doc_id))
+        entry = meta["attributes"]["kvforge"].get("build")
+        return manifest, entry if isinstance(entry, dict) else None
 
     def read_stored(self, doc_id: str) -> tuple[dict, dict[str, torch.Tensor], int]:
         """The manifest and the stored tensors, named as in a ``.kv`` file, and the document's bytes."""

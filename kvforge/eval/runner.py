@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from ..budget import allocate
-from ..calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate, kl_divergence  # noqa: F401 (re-exported)
-from ..methods import Budget, CompressionContext, Compressor, get_method
+from ..builder import compress_document
+from ..calibrate import DEFAULT_TOLERANCE, kl_divergence  # noqa: F401 (re-exported)
+from ..methods import Compressor, get_method
 from ..methods.base import keep_all
 from ..model import LoadedModel
 from ..prefill import prefill
@@ -120,17 +120,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                     ckv, build_s = kvpress_adapter.press_prefill(lm.model, ids, method.split(":", 1)[1], keep)
                 else:
                     name, _, alloc = method.partition("+")
-                    ctx = CompressionContext(model=lm, seed=cfg.seed)
-                    if keep == "auto":
-                        chosen, ckv, record = calibrate(lm, ids, kv, compressors[name], ctx,
-                                                        CalibrationConfig(tolerance=cfg.tolerance))
-                    else:
-                        chosen, ckv = keep, None
-                    if alloc == "pilot" and chosen < 1.0:
-                        budget, _ = allocate(kv, compressors[name], chosen, replace(ctx, keep=chosen))
-                        ckv = compressors[name].compress(kv, budget, replace(ctx, keep=chosen))
-                    elif ckv is None:
-                        ckv = compressors[name].compress(kv, Budget(keep), ctx)
+                    _, ckv, _ = compress_document(lm, ids, kv, compressors[name], keep, tolerance=cfg.tolerance,
+                                                  allocate=alloc or "uniform", seed=cfg.seed)
                     build_s = prefill_s + time.perf_counter() - t1
                 if on_kv is not None:
                     on_kv(task, method, keep, ckv)

@@ -55,6 +55,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, beta
     return out, lse
 
 
+def hf_model(ctx):
+    """The transformers model of a CompressionContext (None without a model: tests on random tensors)."""
+    return getattr(ctx.model, "model", None) if ctx.model is not None else None
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)

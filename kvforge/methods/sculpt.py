@@ -31,7 +31,7 @@ import torch
 from ..prefill import KV
 from ..ragged import CompressedKV
 from .base import Budget, CompressionContext, Compressor, get_method, register
-from .fit import Reference, attend, fit_values, reference
+from .fit import Reference, attend, fit_values, hf_model, reference
 from .select_fit import SelectFit, refit_values
 
 
@@ -69,7 +69,7 @@ class Sculpt(Compressor):
         selector = get_method(self.init) if self.init == "compactor" else SelectFit(refit=False,
                                                                                       position=self.position)
         select_at = selector.prepare(kv, ctx)
-        ref = reference(kv, getattr(ctx.model, "model", None), self.samples, self.position, ctx.seed)
+        ref = reference(kv, hf_model(ctx), self.samples, self.position, ctx.seed)
 
         def compress_at(budget: Budget) -> CompressedKV:
             start = refit_values(kv, select_at(budget), ref, self.ridge)

@@ -23,12 +23,7 @@ import torch
 from ..prefill import KV
 from ..ragged import CompressedKV
 from .base import Budget, CompressionContext, ScoredCompressor, gather, register
-from .fit import Reference, attend, fit_values, reference
-
-
-def _model_of(ctx: CompressionContext):
-    lm = ctx.model
-    return getattr(lm, "model", None) if lm is not None else None
+from .fit import Reference, fit_values, hf_model, reference
 
 
 @register
@@ -52,7 +47,7 @@ class SelectFit(ScoredCompressor):
         return not self.refit
 
     def reference(self, kv: KV, ctx: CompressionContext, samples: int | None = None) -> Reference:
-        return reference(kv, _model_of(ctx), samples or self.samples, self.position, ctx.seed)
+        return reference(kv, hf_model(ctx), samples or self.samples, self.position, ctx.seed)
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
         ref = self.reference(kv, ctx, self.score_samples)
@@ -72,9 +67,6 @@ class SelectFit(ScoredCompressor):
             return refit_values(kv, out, ref, self.ridge) if self.refit else out
 
         return compress_at
-
-    def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
-        return self.prepare(kv, dataclasses.replace(ctx, keep=budget.keep))(budget)
 
 
 def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> CompressedKV:
@@ -96,4 +88,4 @@ def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> Com
     return dataclasses.replace(out, values=values)
 
 
-__all__ = ["SelectFit", "refit_values", "attend"]
+__all__ = ["SelectFit", "refit_values"]

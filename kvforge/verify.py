@@ -29,7 +29,7 @@ def verify_paths(paths) -> list[dict]:
                 if isinstance(outcome, KvforgeError):  # a plain group name is the document id
                     results.append(_result(f"{path}:{group}", None if group.startswith("x-") else group, outcome))
                 else:
-                    results.append(_check(f"{path}:{group}", None, lambda a=outcome: a))
+                    results.append(_ok(f"{path}:{group}", outcome))
         elif path.is_dir():
             files = sorted(path.glob("*.kv"))
             if not files:
@@ -46,6 +46,10 @@ def _check(where: str, doc_id, load) -> dict:
         art = load()
     except KvforgeError as exc:
         return _result(where, doc_id, exc)
+    return _ok(where, art)
+
+
+def _ok(where: str, art) -> dict:
     return {"path": where, "doc": art.manifest["document"]["id"], "ok": True, "error": None,
             "bytes": art.file_bytes, "version": art.manifest["version"]}
 

@@ -5,6 +5,12 @@ distinct facts, the questions of ``examples/questions.json``) and generated
 redundant documents (a heartbeat log, a repeated notice, an inventory table,
 each with one distinct fact somewhere in the repetition and a question on it).
 
+``--corpus needles`` replaces them with a larger generated set that the
+embedded model can answer: ``--docs`` documents of ``--tokens`` tokens, half
+dense (contiguous Python language reference) and half redundant (one of six
+repeated boilerplate paragraphs), each holding one number, word or UUID needle
+and asked for it (the needle kinds the 135M model's full cache answers).
+
 Every document is prefilled and scored once (compactor); then
 * fixed keeps on a grid: accuracy and question+answer KL against the full cache;
 * ``--keep auto`` at several tolerances: the chosen keeps, their mean, accuracy, KL;
@@ -28,6 +34,7 @@ from pathlib import Path
 from common import environment, write_results
 from kvforge.calibrate import CalibrationConfig, calibrate
 from kvforge.eval.runner import kl_divergence
+from kvforge.eval.tasks import _WORDS, _ask, _needle, _number, _uuid, haystack, insert
 from kvforge.methods import Budget, CompressionContext, get_method
 from kvforge.methods.base import keep_all
 from kvforge.model import load_model
@@ -85,6 +92,42 @@ def dense_docs() -> list[dict]:
     return out
 
 
+BOILERPLATE = (
+    "{date} INFO api-gateway heartbeat ok latency=12ms region=eu-west-1. ",
+    "Notice to all residents: the water supply will be interrupted for routine maintenance on {date}. "
+    "Please store enough water for the day and keep taps closed during the work. ",
+    "| item | steel bracket | 40 mm | in stock | warehouse A | checked {date} |. ",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software, "
+    "to deal in the software without restriction, subject to the conditions below. ",
+    "Weather report for {date}: clear skies, light wind from the west, no rain expected. ",
+    "Reminder: all visitors must sign in at the front desk and wear a badge at all times. ",
+)
+
+
+def needle_docs(tokenizer, n_docs: int, n_tokens: int, seed: int = 0) -> list[dict]:
+    """``n_docs`` generated documents, alternately dense (language reference) and redundant
+    (a repeated boilerplate paragraph), each with one seeded number / word / UUID needle."""
+    docs = []
+    for i in range(n_docs):
+        rng = random.Random(f"calibration/{seed}/{i}")
+        kind = ("number", "word", "uuid")[(i // 2) % 3]
+        key = rng.choice(_WORDS)
+        value = {"number": _number, "uuid": _uuid}.get(kind, lambda r: r.choice([w for w in _WORDS if w != key]))(rng)
+        if i % 2 == 0:
+            text, _ = haystack(tokenizer, n_tokens - 30, rng)
+            dense = "dense"
+        else:
+            template, dense = rng.choice(BOILERPLATE), "redundant"
+            date = f"2026-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+            unit = template.format(date=date)
+            reps = max(1, (n_tokens - 30) // len(tokenizer(unit, add_special_tokens=False)["input_ids"]))
+            text = (unit * reps).strip()
+        text = insert(text, [_needle(key, value)], [rng.uniform(0.05, 0.95)])
+        docs.append({"id": f"{dense}-{i:03d}-{kind}", "kind": dense, "text": text,
+                     "questions": [{"question": _ask(key), "answer": value}]})
+    return docs
+
+
 def correct(answer: str, expected: str) -> float:
     return float(expected.lower().strip("()") in answer.lower())
 
@@ -95,10 +138,18 @@ def main() -> None:
     ap.add_argument("--tolerances", default="0.05,0.1,0.2,0.4")
     ap.add_argument("--grid", default="0.1,0.2,0.3,0.4,0.5,0.75")
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--corpus", choices=("examples", "needles"), default="examples")
+    ap.add_argument("--docs", type=int, default=60, help="needles corpus: number of documents")
+    ap.add_argument("--tokens", type=int, default=1024, help="needles corpus: tokens per document")
+    ap.add_argument("--name", default="calibration", help="result file stem")
     args = ap.parse_args()
     lm = load_model()
     method = get_method("compactor")
-    docs = [d | {"kind": "dense"} for d in dense_docs()] + [d | {"kind": "redundant"} for d in redundant_docs()]
+    if args.corpus == "needles":
+        docs = needle_docs(lm.tokenizer, args.docs, args.tokens)
+    else:
+        docs = ([d | {"kind": "dense"} for d in dense_docs()]
+                + [d | {"kind": "redundant"} for d in redundant_docs()])
     tolerances = [float(x) for x in args.tolerances.split(",")]
     grid = [float(x) for x in args.grid.split(",")]
 
@@ -143,29 +194,35 @@ def main() -> None:
     # like-for-like: one fixed keep equal to each tolerance's mean chosen keep
     summary = {"fixed": {}, "auto": {}, "matched": {}}
 
-    def agg(evals):
-        accs = [x for acc, _ in evals for x in acc]
-        kls = [x for _, kl in evals for x in kl]
-        return {"acc": statistics.mean(accs), "kl": statistics.mean(kls), "questions": len(accs)}
+    def agg(evals):  # [(kind, (acc, kl))] -> mean accuracy (overall and per kind), mean KL
+        accs = [x for _, (acc, _) in evals for x in acc]
+        kls = [x for _, (_, kl) in evals for x in kl]
+        by_kind = {k: statistics.mean(x for kk, (acc, _) in evals if kk == k for x in acc)
+                   for k in sorted({k for k, _ in evals})}
+        return {"acc": statistics.mean(accs), "kl": statistics.mean(kls), "questions": len(accs),
+                "acc_by_kind": by_kind}
 
     summary["full"] = {"acc": statistics.mean(x for r, _, _ in per_doc for x in r["full_acc"])}
     for k in grid:
-        summary["fixed"][k] = agg([r["fixed"][k] for r, _, _ in per_doc]) | {"mean_keep": k}
+        summary["fixed"][k] = agg([(r["kind"], r["fixed"][k]) for r, _, _ in per_doc]) | {"mean_keep": k}
     for tol in tolerances:
         keeps = [r["auto"][tol]["keep"] for r, _, _ in per_doc]
         mean_keep = statistics.mean(keeps)
-        summary["auto"][tol] = agg([r["auto"][tol]["eval"] for r, _, _ in per_doc]) | {
+        summary["auto"][tol] = agg([(r["kind"], r["auto"][tol]["eval"]) for r, _, _ in per_doc]) | {
             "mean_keep": mean_keep, "keeps": {r["id"]: r["auto"][tol]["keep"] for r, _, _ in per_doc},
             "calibration_s": statistics.mean(r["auto"][tol]["seconds"] for r, _, _ in per_doc)}
-        summary["matched"][tol] = agg([ev(ca(Budget(mean_keep))) for _, ca, ev in per_doc]) | {"mean_keep": mean_keep}
+        summary["matched"][tol] = agg([(r["kind"], ev(ca(Budget(mean_keep)))) for r, ca, ev in per_doc]) | {
+            "mean_keep": mean_keep}
     rows = [r for r, _, _ in per_doc]
     result = environment(lm) | {
         "method": method.to_dict(),
-        "docs": [{k: r[k] for k in ("id", "kind", "tokens", "prefill_s", "score_s", "full_acc")} for r in rows],
-        "summary": summary,
+        "docs": [{k: r[k] for k in ("id", "kind", "tokens", "prefill_s", "score_s", "full_acc")}
+                 | {"fixed": r["fixed"], "auto": {t: {"keep": a["keep"], "eval": a["eval"]} for t, a in r["auto"].items()}}
+                 for r in rows],
+        "summary": summary, "corpus": args.corpus,
         "prefill_s_mean": statistics.mean(r["prefill_s"] for r in rows),
     }
-    write_results(args.out, "calibration", result, render)
+    write_results(args.out, args.name, result, render)
 
 
 def render(r: dict) -> str:
@@ -178,16 +235,27 @@ def render(r: dict) -> str:
              "| policy | mean keep | accuracy | QA KL | keeps chosen (dense / redundant) | calibration s/doc |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]
     kinds = {d["id"]: d["kind"] for d in r["docs"]}
+
+    def chosen(keeps: dict, kind: str) -> str:
+        vals = [v for k, v in keeps.items() if kinds[k] == kind]
+        if len(vals) <= 6:
+            return ", ".join(f"{v:g}" for v in vals)
+        return f"mean {statistics.mean(vals):.2f} ({min(vals):g}–{max(vals):g})"
+
+    def by_kind(a: dict) -> str:
+        return " / ".join(f"{a['acc_by_kind'][k]:.3f}" for k in ("dense", "redundant"))
+
+    lines[-2] = lines[-2].replace("| calibration s/doc |", "| accuracy dense / redundant | calibration s/doc |")
+    lines[-1] += " ---: |"
     for tol, a in s["auto"].items():
-        dense = ", ".join(f"{v:g}" for k, v in a["keeps"].items() if kinds[k] == "dense")
-        red = ", ".join(f"{v:g}" for k, v in a["keeps"].items() if kinds[k] == "redundant")
         m = s["matched"][tol]
         lines.append(f"| auto, tolerance {tol} | {a['mean_keep']:.3f} | {a['acc']:.3f} | {a['kl']:.3f} | "
-                     f"{dense} / {red} | {a['calibration_s']:.1f} |")
+                     f"{chosen(a['keeps'], 'dense')} / {chosen(a['keeps'], 'redundant')} | {by_kind(a)} | "
+                     f"{a['calibration_s']:.1f} |")
         lines.append(f"| fixed {m['mean_keep']:.3f} (same mean) | {m['mean_keep']:.3f} | {m['acc']:.3f} | "
-                     f"{m['kl']:.3f} | | |")
+                     f"{m['kl']:.3f} | | {by_kind(m)} | |")
     for k, f in s["fixed"].items():
-        lines.append(f"| fixed {k} | {k} | {f['acc']:.3f} | {f['kl']:.3f} | | |")
+        lines.append(f"| fixed {k} | {k} | {f['acc']:.3f} | {f['kl']:.3f} | | {by_kind(f)} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,8 +10,8 @@ if a head's error falls as ``c / k`` with its count ``k``, the pilot gives
 ``[floor, tokens]`` by water-filling so that the total stays exact.
 
 The pilot method is the method itself when it is cheap (selection methods) and,
-for sculpt, the selection it starts from (the compactor by default) instead of
-an optimization.
+for sculpt, the selection it starts from (the compactor, or select_fit's
+selection with its value refit) instead of an optimization.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods import Budget, CompressionContext, Compressor, get_method
+from .methods import Budget, CompressionContext, Compressor
 from .methods.fit import head_errors, hf_model, reference
 from .prefill import KV
 
@@ -73,7 +73,7 @@ def allocate(kv: KV, method: Compressor, keep: float, ctx: CompressionContext,
              floor: int | None = None) -> tuple[Budget, Allocation]:
     """A budget with per-head counts from a pilot run at ``keep``; the same total as uniform."""
     L, H, T, _ = kv.shape
-    pilot = get_method(method.init) if method.name == "sculpt" else method
+    pilot = method.selector(refit=True) if hasattr(method, "selector") else method
     uniform = Budget.uniform_heads(keep, L, H, T)
     compressed = pilot.compress(kv, uniform, ctx)
     ref = reference(kv, hf_model(ctx), getattr(method, "samples", 256),

@@ -1,7 +1,8 @@
 """Context-calibrated keep: the smallest keep whose quality proxy stays within a tolerance.
 
 Query-agnostic and document-only. The proxy asks the model to recall the
-document: ``probes`` passages are spread evenly over it; each probe is a
+document: ``probes`` passages, half spread evenly over it and half where it says
+something it does not repeat (the spans with most non-repeated 4-grams); each probe is a
 question turn that quotes a short cue from the passage ("Quote the text that
 follows ...") and, teacher-forced, the passage's next ``target`` tokens as the
 answer. The proxy value of a candidate cache is the mean KL(full || candidate)
@@ -65,21 +66,60 @@ class Calibration:
         return asdict(self)
 
 
+def novelty(ids: list[int], n: int = 4) -> list[int]:
+    """1 where the n-gram ending at a token occurs once in ``ids``, else 0: where a document says
+    something it does not repeat (a fact in boilerplate, a row that differs from the others)."""
+    grams = [tuple(ids[max(0, i - n + 1):i + 1]) for i in range(len(ids))]
+    counts: dict[tuple, int] = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+    return [int(counts[g] == 1) for g in grams]
+
+
+def probe_starts(ids: list[int], start: int, cfg: CalibrationConfig) -> list[int]:
+    """Where the probes' cues begin: up to half of them at the spans with the most non-repeated
+    4-grams (not overlapping each other), the rest spread evenly over the body, the last span
+    ending at its end.
+
+    Even spreading alone misses what matters in a redundant document: its one distinct fact sits
+    in one place, and recall of the repetition around it survives small keeps (BENCHMARKS.md,
+    section 4).
+    """
+    body = len(ids) - start
+    span = cfg.cue + cfg.target
+    n = max(1, min(cfg.probes, body // span))
+    new = novelty(ids)
+    prefix = [0]
+    for x in new:
+        prefix.append(prefix[-1] + x)
+    score = {s: prefix[s + span] - prefix[s] for s in range(start, len(ids) - span + 1)}
+    novel: list[int] = []
+    for s in sorted(score, key=lambda s: (-score[s], s)):
+        if len(novel) >= n // 2 or score[s] == 0:
+            break
+        if all(abs(s - t) >= span for t in novel):
+            novel.append(s)
+    k = n - len(novel)
+    even = [start + round(i * (body - span) / max(1, k - 1)) for i in range(k)] if k > 1 else [start]
+    for i, e in enumerate(even):  # an even start that repeats a novel one moves just past it (or before)
+        for t in novel:
+            if e == t:
+                e = t + span if t + span <= len(ids) - span else max(start, t - span)
+        even[i] = e
+    return sorted(novel + even)
+
+
 def make_probes(lm: LoadedModel, ids: list[int], cfg: CalibrationConfig) -> list[tuple[list[int], list[int]]]:
     """(question ids, answer ids) pairs: a cue from the document and the tokens that follow it.
 
     ids: the document's token ids as prefilled (template prefix + text).
     """
     start = len(lm.encode_document(""))
-    body = len(ids) - start
     span = cfg.cue + cfg.target
-    if body < span:
+    if len(ids) - start < span:
         return []
-    n = max(1, min(cfg.probes, body // span))
-    # evenly spread starts over the body, the last one ending at its end
-    starts = [start + round(i * (body - span) / max(1, n - 1)) for i in range(n)] if n > 1 else [start]
     probes = []
-    for s in starts:
+    for s in probe_starts(ids, start, cfg):
         cue = lm.tokenizer.decode(ids[s:s + cfg.cue], skip_special_tokens=True).strip()
         q = lm.encode_question(f'Quote the text that follows "{cue}" in the document above.')
         probes.append((q, list(ids[s + cfg.cue:s + span])))

@@ -58,7 +58,8 @@ def cli():
 @click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "int4"]),
               help="store keys and values as int8 / int4 codes (per-channel keys, per-token values), "
                    "applied after compression")
-@click.option("--method", default="compactor", show_default=True, help="compression method (see `kvforge methods`)")
+@click.option("--method", default="compactor", show_default=True,
+              help="compression method (see `kvforge methods`), optionally with options: select_fit:blend=1")
 @click.option("--keep", default="0.5", show_default=True,
               help="fraction of (layer, head, token) entries to keep, in (0, 1]; or 'auto': per document, the "
                    "smallest keep whose recall of the document stays within --tolerance of the full cache")
@@ -303,7 +304,8 @@ def _number(value: str, option: str) -> float:
 
 
 @cli.command(name="eval")
-@click.option("--methods", default="compactor,knorm", show_default=True, help="kvforge methods, comma-separated")
+@click.option("--methods", default="compactor,knorm", show_default=True,
+              help="kvforge methods, comma-separated; a method may carry options: sculpt:steps=20:blend=0.5")
 @click.option("--keep", "keeps", default="0.5,0.25,0.1", show_default=True,
               help="keep ratios, comma-separated; 'auto' for the per-document calibrated keep")
 @click.option("--tolerance", default=0.1, show_default=True, type=float, help="the tolerance of --keep auto")

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import kvforge
-from kvforge.calibrate import CalibrationConfig, calibrate, make_probes, answer_rows
+from kvforge.calibrate import CalibrationConfig, answer_rows, calibrate, make_probes, novelty, probe_starts
 from kvforge.cli import cli
 from kvforge.errors import ConfigError
 from kvforge.methods import Budget, CompressionContext, get_method
@@ -53,6 +53,21 @@ def test_probes_quote_the_document(lm, docs):
         # the answer is a contiguous run of document tokens
         assert any(ids[i:i + 16] == a for i in range(len(ids) - 15))
         assert "Quote the text that follows" in lm.tokenizer.decode(q)
+
+
+def test_a_probe_lands_on_the_one_distinct_passage_of_a_repetitive_document():
+    unit = list(range(10, 30))                      # a 20-token paragraph, repeated
+    fact = list(range(100, 112))                    # 12 tokens said once
+    ids = [1, 2] + unit * 10 + fact + unit * 10     # template prefix of 2 tokens
+    assert sum(novelty(ids)[2 + 200:2 + 212]) >= 9 and sum(novelty(ids)[40:200]) == 0
+    cfg = CalibrationConfig(probes=6, cue=8, target=16)
+    starts = probe_starts(ids, 2, cfg)
+    assert len(starts) == 6 and len(set(starts)) == 6
+    assert any(s <= 202 and s + 24 >= 214 for s in starts)   # one span covers the whole fact
+    assert starts[0] == 2 and max(starts) + 24 <= len(ids)
+    # a document with nothing repeated: every span is novel, still six distinct in-range probes
+    plain = probe_starts(list(range(500)), 0, cfg)
+    assert len(set(plain)) == 6 and max(plain) + 24 <= 500
 
 
 @pytest.mark.parametrize("tolerance", [1e-9, 1e9])

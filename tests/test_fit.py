@@ -66,6 +66,32 @@ def test_fit_values_handles_rank_deficient_systems():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("queries, kept", [(50, 200), (200, 50), (64, 64)])
+def test_fit_values_primal_and_dual_forms_give_the_ridge_solution(queries, kept):
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(3 * torch.randn(queries, kept, generator=g), dim=-1)
+    target, v0 = torch.randn(queries, 8, generator=g), torch.randn(kept, 8, generator=g)
+    a = probs.double()
+    lam = 0.1 * float((a.T @ a).diagonal().mean())
+    want = torch.linalg.solve(a.T @ a + lam * torch.eye(kept, dtype=torch.float64),
+                              a.T @ target.double() + lam * v0.double())
+    torch.testing.assert_close(fit_values(probs, target, v0, 0.1), want.float(), atol=1e-5, rtol=0)
+
+
+def test_select_fit_scores_by_blocks_and_blends_the_compactor():
+    kv = structured_kv()
+    one = get_method("select_fit", query_block=10_000).score(kv, CTX)
+    blocks = get_method("select_fit", query_block=7).score(kv, CTX)
+    torch.testing.assert_close(one, blocks, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(one.sum(dim=2), torch.ones(2, 2), atol=1e-5, rtol=0)  # a softmax mean per head
+    plain, blended = get_method("select_fit"), get_method("select_fit", blend=1.0)
+    assert not plain.needs_pre_rope_keys and blended.needs_pre_rope_keys
+    a, b = plain.compress(kv, Budget(0.2), CTX), blended.compress(kv, Budget(0.2), CTX)
+    assert a.kept == b.kept  # the same budget ...
+    assert any(not torch.equal(x, y) for x, y in zip(a.positions, b.positions))  # ... spent elsewhere
+    assert all(torch.isfinite(v).all() for v in b.values)
+
+
 @pytest.mark.parametrize("name", ["select_fit", "sculpt"])
 @pytest.mark.parametrize("case", ["zero_head", "one_token", "keep_near_1", "fp16"])
 def test_numerical_robustness(name, case):
@@ -150,7 +176,7 @@ def test_build_sculpt_with_pilot_allocation_end_to_end(tmp_path, docs, tiny_llam
     art = artifact.read(tmp_path / "lib" / "assert.kv")
     assert art.manifest["storage"]["has_beta"] and art.kv.beta is not None
     alloc = art.manifest["compression"]["extra"]["allocation"]
-    assert alloc["rule"] == "sqrt" and alloc["pilot"] == "compactor"
+    assert alloc["rule"] == "sqrt" and alloc["pilot"] == "select_fit"  # the selection sculpt starts from
     assert art.kv.lengths.tolist() == alloc["head_totals"]
     doc = kvforge.load(tmp_path / "lib" / "assert.kv", model=str(tiny_llama))
     assert torch.isfinite(doc.logits("What does assert do?", "It checks")).all()
@@ -159,7 +185,7 @@ def test_build_sculpt_with_pilot_allocation_end_to_end(tmp_path, docs, tiny_llam
     from kvforge.cli import cli
 
     shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "lib" / "assert.kv")]).output
-    assert "allocate  pilot (compactor" in shown and "beta yes" in shown
+    assert "allocate  pilot (select_fit" in shown and "beta yes" in shown
 
 
 def test_eval_compares_uniform_and_pilot_allocation(tmp_path, tiny_llama):
@@ -177,3 +203,12 @@ def test_eval_compares_uniform_and_pilot_allocation(tmp_path, tiny_llama):
     rows = [json.loads(x) for x in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
     assert {(x["method"], x["allocate"]) for x in rows} == {("full", "uniform"), ("select_fit", "uniform"),
                                                           ("select_fit+pilot", "pilot")}
+
+
+def test_sculpt_buckets_heads_of_similar_counts():
+    from kvforge.methods.sculpt import buckets
+
+    assert buckets([10, 100, 12, 0, 140]) == [[0, 2], [1, 4]]  # the empty head has nothing to optimize
+    assert buckets([5, 5, 5]) == [[0, 1, 2]]
+    assert buckets([1, 2, 4, 8]) == [[0], [1], [2], [3]]
+    assert buckets([]) == []

@@ -55,7 +55,6 @@ def press_prefill(model, input_ids: list[int], press_name: str, keep: float) -> 
         with press(model):
             model.model(input_ids=torch.tensor([input_ids]), past_key_values=cache, use_cache=True)
         seconds = time.perf_counter() - t0
-        T = len(input_ids)
         lengths, positions, keys, values = [], [], [], []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys[0], layer.values[0]  # (H, P, D)

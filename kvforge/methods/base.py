@@ -13,6 +13,7 @@ being special-cased by the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -97,6 +98,17 @@ def available_methods() -> dict[str, str]:
 
 
 def get_method(name: str, **config) -> "Compressor":
+    """The registered method ``name`` with options; also takes a spec ``name:key=value:key=value``
+    (values read as JSON when they parse, else as text), as ``kvforge eval --methods`` does."""
+    name, *options = name.split(":")
+    for option in options:
+        key, eq, value = option.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"method option {option!r} is not key=value (spec: name:key=value:key=value)")
+        try:
+            config[key] = json.loads(value)
+        except ValueError:
+            config[key] = value
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name].from_dict({"name": name, "config": config})

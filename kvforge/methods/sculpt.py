@@ -1,7 +1,8 @@
 """KVSculpt: optimize a smaller set of unconstrained KV pairs per layer and KV head.
 
-Starting from the best selection (the compactor's, by default) with least-squares
-values, every head's ``m`` compact keys (and, with ``beta``, an additive
+Starting from the best selection measured (by default select_fit's attention
+mass over the reference queries blended with the compactor's score, both
+z-scored: BENCHMARKS.md, section 8) with least-squares values, every head's ``m`` compact keys (and, with ``beta``, an additive
 attention bias per key) are optimized with L-BFGS so that the reference queries
 (:mod:`kvforge.methods.fit`) see the same attention output and the same
 attention mass (log-sum-exp) as over the full cache; values are re-solved in
@@ -42,10 +43,11 @@ class Sculpt(Compressor):
 
     name = "sculpt"
     needs_queries = True
-    needs_pre_rope_keys = True  # for the compactor's selection it starts from
+    needs_pre_rope_keys = True  # for the compactor's score in the selection it starts from
     produces_beta = True
 
-    init: str = "compactor"  # the selection it starts from: "compactor" or "select_fit"
+    init: str = "select_fit"  # the selection it starts from: "select_fit" (its ranking, blended) or "compactor"
+    blend: float = 1.0  # with init "select_fit": weight of the compactor's score in its ranking
     steps: int = 10  # L-BFGS iterations per layer
     refit_every: int = 5  # values re-solved after every this many iterations
     keys: bool = False  # also optimize the keys (measured to overfit the reference queries: BENCHMARKS.md)
@@ -65,10 +67,15 @@ class Sculpt(Compressor):
     def keeps_originals(self) -> bool:
         return False
 
+    def selector(self, refit: bool = False) -> Compressor:
+        """The selection sculpt starts from (``refit``: with select_fit's value refit, the pilot's choice)."""
+        if self.init == "compactor":
+            return get_method("compactor")
+        return SelectFit(refit=refit, position=self.position, blend=self.blend, samples=self.samples,
+                         ridge=self.ridge)
+
     def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
-        selector = get_method(self.init) if self.init == "compactor" else SelectFit(refit=False,
-                                                                                      position=self.position)
-        select_at = selector.prepare(kv, ctx)
+        select_at = self.selector().prepare(kv, ctx)
         ref = reference(kv, hf_model(ctx), self.samples, self.position, ctx.seed)
 
         def compress_at(budget: Budget) -> CompressedKV:
@@ -91,48 +98,62 @@ class Sculpt(Compressor):
         return dataclasses.replace(start, keys=keys, values=values, beta=betas if self.beta else None)
 
     def _layer(self, kv: KV, start: CompressedKV, ref: Reference, layer: int):
-        """Optimize one layer's heads together; returns flat (N_l, D) keys, values and (N_l,) beta."""
+        """Optimize one layer's heads; returns flat (N_l, D) keys, values and (N_l,) beta.
+
+        Heads are optimized together in buckets of similar counts (padded to the bucket's
+        largest and masked): a pilot allocation gives heads very different counts, and one
+        padded batch would cost the largest head's count for every head.
+        """
         target, lse = ref.targets(kv, layer)  # (H, M, D), (H, M)
-        q = ref.queries[layer]  # (H, M, D)
         offsets = start.layer_offsets(layer)
         H = len(offsets) - 1
-        counts = [offsets[h + 1] - offsets[h] for h in range(H)]
-        n = max(counts) if counts else 0
-        D = start.keys[layer].shape[1]
         flat_k, flat_v = start.keys[layer].float(), start.values[layer].float()
-        if n == 0 or self.steps == 0:
+        heads = [(flat_k[offsets[h]:offsets[h + 1]], flat_v[offsets[h]:offsets[h + 1]]) for h in range(H)]
+        if flat_k.shape[0] == 0 or self.steps == 0 or not (self.keys or self.beta):
             return flat_k, flat_v, torch.zeros(flat_k.shape[0])
-        K = torch.zeros(H, n, D)
-        V = torch.zeros(H, n, D)
-        valid = torch.zeros(H, n, dtype=torch.bool)
-        for h in range(H):
-            a, b = offsets[h], offsets[h + 1]
-            K[h, : b - a], V[h, : b - a], valid[h, : b - a] = flat_k[a:b], flat_v[a:b], True
-        key_scale = float(flat_k.abs().mean().clamp_min(1e-3))
+        result = [(k, v, torch.zeros(len(k))) for k, v in heads]  # heads with nothing kept stay empty
+        for bucket in buckets([len(k) for k, _ in heads]):
+            idx = torch.tensor(bucket)
+            got = self._heads(ref.queries[layer][idx], target[idx], lse[idx], ref.scale, [heads[h] for h in bucket])
+            for h, r in zip(bucket, got):
+                result[h] = r
+        return tuple(torch.cat([r[i] for r in result]) for i in range(3))
+
+    def _heads(self, q: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, scale: float,
+               heads: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+        """Optimize a batch of heads. q, target: (B, M, D); lse: (B, M); heads: B (keys, values) of (n_b, D).
+
+        Returns per head (keys, values, beta) of (n_b, D), (n_b, D), (n_b,).
+        """
+        B = len(heads)
+        counts = [len(k) for k, _ in heads]
+        n, D = max(counts), q.shape[-1]
+        K = torch.zeros(B, n, D)
+        V = torch.zeros(B, n, D)
+        valid = torch.zeros(B, n, dtype=torch.bool)
+        for b, (k, v) in enumerate(heads):
+            K[b, :len(k)], V[b, :len(k)], valid[b, :len(k)] = k, v, True
+        key_scale = float(torch.cat([k for k, _ in heads]).abs().mean().clamp_min(1e-3))
         K_param = (K / key_scale).clone().requires_grad_(self.keys)  # optimize in a unit scale
-        beta = torch.zeros(H, n, requires_grad=self.beta)
-        norm = (target ** 2).sum(dim=(1, 2)).clamp_min(1e-12)  # (H,)
+        beta = torch.zeros(B, n, requires_grad=self.beta)
+        norm = (target ** 2).sum(dim=(1, 2)).clamp_min(1e-12)  # (B,)
         params = ([K_param] if self.keys else []) + ([beta] if self.beta else [])
-        if not params:
-            return flat_k, flat_v, torch.zeros(flat_k.shape[0])
 
         def loss_fn(V_fixed):
-            out, s = attend(q, K_param * key_scale, V_fixed, ref.scale, beta if self.beta else None, valid)
+            out, s = attend(q, K_param * key_scale, V_fixed, scale, beta if self.beta else None, valid)
             err = ((out - target) ** 2).sum(dim=(1, 2)) / norm
             mass = ((s - lse) ** 2).mean(dim=1)
             return (err + self.mass_weight * mass).mean()
 
         def refit(V_cur):
             with torch.no_grad():
-                logits = torch.einsum("hmd,hnd->hmn", q, K_param * key_scale) * ref.scale
+                logits = torch.einsum("hmd,hnd->hmn", q, K_param * key_scale) * scale
                 if self.beta:
                     logits = logits + beta[:, None, :]
                 new = V_cur.clone()
-                for h in range(H):
-                    c = counts[h]
-                    if c:
-                        probs = torch.softmax(logits[h, :, :c], dim=-1)
-                        new[h, :c] = fit_values(probs, target[h], V_cur[h, :c], self.ridge)
+                for b, c in enumerate(counts):
+                    probs = torch.softmax(logits[b, :, :c], dim=-1)
+                    new[b, :c] = fit_values(probs, target[b], V_cur[b, :c], self.ridge)
                 return new
 
         best = (float(loss_fn(V).detach()), K_param.detach().clone(), beta.detach().clone(), V.clone())
@@ -158,10 +179,23 @@ class Sculpt(Compressor):
                 best = (current, K_param.detach().clone(), beta.detach().clone(), V.clone())
         _, K_best, beta_best, V_best = best
         K_best = K_best * key_scale
-        out_k = torch.cat([K_best[h, : counts[h]] for h in range(H)]) if self.keys else flat_k
-        out_v = torch.cat([V_best[h, : counts[h]] for h in range(H)])
-        out_b = torch.cat([beta_best[h, : counts[h]] for h in range(H)])
-        return out_k, out_v, out_b
+        return [(K_best[b, :c] if self.keys else heads[b][0], V_best[b, :c], beta_best[b, :c])
+                for b, c in enumerate(counts)]
 
 
-__all__ = ["Sculpt"]
+def buckets(counts: list[int], spread: float = 1.5) -> list[list[int]]:
+    """Head indices grouped so that within a group the largest count is at most ``spread`` x the
+    smallest (heads with nothing kept are left out: they have nothing to optimize)."""
+    order = sorted((c, h) for h, c in enumerate(counts) if c > 0)
+    out: list[list[int]] = []
+    low = 0
+    for c, h in order:
+        if out and c <= spread * low:
+            out[-1].append(h)
+        else:
+            out.append([h])
+            low = c
+    return out
+
+
+__all__ = ["Sculpt", "buckets"]

@@ -3,7 +3,9 @@
 1. Score every (layer, KV head, token) by the attention the reference queries
    (:mod:`kvforge.methods.fit`) give it under a softmax over the whole document;
    keep the top entries per layer (or per head, with a pilot allocation), plus
-   sink and recent tokens.
+   sink and recent tokens. With ``blend > 0`` the ranking is the z-scored log
+   attention mass plus ``blend`` times the compactor's (z-scored) score: the two
+   selections fail on different documents (BENCHMARKS.md, section 8).
 2. Per head, replace the kept values by the least-squares solution that makes
    the attention output over the kept keys match the full cache's output for
    the reference queries (ridge toward the original values).
@@ -41,6 +43,8 @@ class SelectFit(ScoredCompressor):
     position: str = "end"  # rotate reference queries to the document's end ("own": keep their position)
     ridge: float = 0.1
     refit: bool = True  # False: selection only (the eviction half, for comparisons)
+    blend: float = 0.0  # weight of the compactor's score in the ranking (0: attention mass alone)
+    query_block: int = 1024  # reference queries scored at a time (bounds the (H, block, T) logits)
 
     @property
     def keeps_originals(self) -> bool:
@@ -49,21 +53,39 @@ class SelectFit(ScoredCompressor):
     def reference(self, kv: KV, ctx: CompressionContext, samples: int | None = None) -> Reference:
         return reference(kv, hf_model(ctx), samples or self.samples, self.position, ctx.seed)
 
+    @property
+    def needs_pre_rope_keys(self) -> bool:  # the compactor's leverage, when blended
+        return self.blend > 0
+
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
+        """Mean attention each entry receives from the reference queries: (L, H, T)."""
         ref = self.reference(kv, ctx, self.score_samples)
         L, H, T, _ = kv.shape
-        scores = torch.empty(L, H, T)
+        scores = torch.zeros(L, H, T)
         for layer in range(L):
-            logits = torch.einsum("hmd,hnd->hmn", ref.queries[layer], kv.keys[layer].float()) * ref.scale
-            scores[layer] = torch.softmax(logits, dim=-1).mean(dim=1)  # (H, T) mean attention per key
+            q, k = ref.queries[layer], kv.keys[layer].float()  # (H, M, D), (H, T, D)
+            for a in range(0, q.shape[1], self.query_block):  # blocks keep the logits in cache
+                logits = torch.bmm(q[:, a:a + self.query_block], k.transpose(1, 2)).mul_(ref.scale)
+                scores[layer] += torch.softmax(logits, dim=-1).sum(dim=1)
+            scores[layer] /= q.shape[1]
         return scores
+
+    def scorer(self, kv: KV, ctx: CompressionContext) -> Callable[[float], torch.Tensor]:
+        mass = self.score(kv, ctx)
+        if self.blend <= 0:
+            return lambda keep: mass
+        from .compactor import Compactor, _zscore_per_layer
+
+        mass = _zscore_per_layer(mass.clamp_min(1e-30).log())
+        compactor = Compactor().scorer(kv, ctx)  # z-scored blend per keep; protected tokens +inf
+        return lambda keep: mass + self.blend * compactor(keep)
 
     def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
         ref = self.reference(kv, ctx)
-        scores = self.score(kv, ctx)
+        scorer = self.scorer(kv, ctx)
 
         def compress_at(budget: Budget) -> CompressedKV:
-            out = gather(kv, self.select(scores, budget))
+            out = gather(kv, self.select(scorer(budget.keep), budget))
             return refit_values(kv, out, ref, self.ridge) if self.refit else out
 
         return compress_at

@@ -1,0 +1,93 @@
+"""What the fitting methods cost against a prefill, and sculpt's cost curve over document length.
+
+Side by side in one run, interleaved, on real text (Python's language reference):
+plain prefill; prefill capturing queries (and pre-RoPE keys); ``select_fit``
+(attention-mass scoring + least-squares value refit) and, if asked, other
+method specs; each at the given keeps with uniform allocation, and with
+``--pilot`` also with pilot allocation. Medians of ``--repeats``.
+
+    .venv/bin/python benchmarks/bench_fit_cost.py --out benchmarks/results
+
+A method spec is a name or ``name:key=value,key=value`` (method options as in
+the artifact's config). Writes fit_cost.json and fit_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from bench_compactor import make_ids, timed
+from common import environment, write_results
+from kvforge.builder import compress_document
+from kvforge.model import load_model
+from kvforge.prefill import prefill
+from kvforge.methods import get_method
+
+
+def parse_spec(spec: str):
+    """``name`` or ``name:key=value,...`` -> (label, Compressor)."""
+    name, _, opts = spec.partition(":")
+    config = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        config[key] = json.loads(value) if value not in ("select_fit", "compactor") else value
+    return spec, get_method(name, **config)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--lengths", default="512,1024,2048,4096")
+    ap.add_argument("--methods", default="select_fit;sculpt", help="method specs separated by ';'")
+    ap.add_argument("--keeps", default="0.5,0.1")
+    ap.add_argument("--pilot", action="store_true", help="also time pilot allocation")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--name", default="fit_cost")
+    args = ap.parse_args()
+    lm = load_model()
+    methods = [parse_spec(s) for s in args.methods.split(";")]
+    keeps = [float(k) for k in args.keeps.split(",")]
+    allocs = ["uniform", "pilot"] if args.pilot else ["uniform"]
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        ids = make_ids(lm, n)
+        prefill(lm.model, ids)  # warm-up
+        times: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            _, t = timed(lambda: prefill(lm.model, ids))
+            times.setdefault("prefill", []).append(t)
+            kv, t = timed(lambda: prefill(lm.model, ids, queries=True, pre_rope_keys=True))
+            times.setdefault("capture", []).append(t)
+            for label, method in methods:
+                for keep in keeps:
+                    for alloc in allocs:
+                        _, t = timed(lambda: compress_document(lm, ids, kv, method, keep, allocate=alloc, seed=0))
+                        times.setdefault(f"{label}|{keep:g}|{alloc}", []).append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"tokens": len(ids), "seconds": med,
+               "build_over_prefill": {k: (med["capture"] + v) / med["prefill"] for k, v in med.items()
+                                      if "|" in k}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write_results(args.out, args.name, environment(lm) | {"methods": [m.to_dict() for _, m in methods],
+                                                         "rows": rows}, render)
+
+
+def render(r: dict) -> str:
+    lines = [f"Machine: {r['machine']}; torch {r['torch']}; model {r['model']}; date {r['date']}. "
+             "Seconds (medians); build / prefill = (prefill with capture + compression) / plain prefill.", "",
+             "| doc tokens | plain prefill | prefill + capture | method | keep | allocation | compression | "
+             "build / prefill |", "| ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
+    for x in r["rows"]:
+        s = x["seconds"]
+        for key, ratio in x["build_over_prefill"].items():
+            label, keep, alloc = key.split("|")
+            lines.append(f"| {x['tokens']} | {s['prefill']:.2f} | {s['capture']:.2f} | {label} | {keep} | {alloc} | "
+                         f"{s[key]:.2f} | {ratio:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

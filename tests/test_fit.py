@@ -7,7 +7,6 @@ import torch
 
 from kvforge.budget import allocate, redistribute
 from kvforge.methods import Budget, CompressionContext, get_method
-from kvforge.methods.base import gather
 from kvforge.methods.fit import fit_values, head_errors, reference
 from kvforge.prefill import KV
 
@@ -75,7 +74,8 @@ def test_fit_values_primal_and_dual_forms_give_the_ridge_solution(queries, kept)
     lam = 0.1 * float((a.T @ a).diagonal().mean())
     want = torch.linalg.solve(a.T @ a + lam * torch.eye(kept, dtype=torch.float64),
                               a.T @ target.double() + lam * v0.double())
-    torch.testing.assert_close(fit_values(probs, target, v0, 0.1), want.float(), atol=1e-5, rtol=0)
+    # float32 Gram products: well inside the float16 the artifact stores values in (about 1e-3 here)
+    torch.testing.assert_close(fit_values(probs, target, v0, 0.1), want.float(), atol=2e-4, rtol=0)
 
 
 def test_select_fit_scores_by_blocks_and_blends_the_compactor():
@@ -212,3 +212,14 @@ def test_sculpt_buckets_heads_of_similar_counts():
     assert buckets([5, 5, 5]) == [[0, 1, 2]]
     assert buckets([1, 2, 4, 8]) == [[0], [1], [2], [3]]
     assert buckets([]) == []
+
+
+def test_method_specs_carry_options():
+    from kvforge.errors import ConfigError
+
+    m = get_method("sculpt:init=compactor:steps=3:keys=true")
+    assert (m.init, m.steps, m.keys, m.blend) == ("compactor", 3, True, 1.0)
+    assert get_method("select_fit:blend=0.5").to_dict()["config"]["blend"] == 0.5
+    for bad in ("sculpt:steps", "sculpt:nope=1", "sculpt:init=random", "nope:x=1"):
+        with pytest.raises(ConfigError):
+            get_method(bad)

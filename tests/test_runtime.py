@@ -11,7 +11,7 @@ import kvforge
 from kvforge.builder import BuildConfig, build_document
 from kvforge.corpus import Document
 from kvforge.errors import IncompatibleModelError, ResourceLimitError
-from kvforge.methods import Budget, CompressionContext, Compressor, register
+from kvforge.methods import Compressor, register
 from kvforge.methods.base import _REGISTRY, gather
 from kvforge.model import load_model
 from kvforge import artifact

@@ -105,28 +105,28 @@ def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridg
 
     probs (M, k), target (M, D), v0 (k, D) -> (k, D). ``lam = ridge * mean(diag(probs^T probs))``
     pulls under-determined entries (few queries, near-duplicate keys) toward their original values.
-    Solved in float64 by Cholesky of the smaller of the two equivalent systems: the (k, k) normal
-    equations, or, when there are more kept entries than queries, the (M, M) dual
+    Solved through the smaller of the two equivalent systems: the (k, k) normal equations, or,
+    when there are more kept entries than queries, the (M, M) dual
     ``V = v0 + A^T (A A^T + lam I)^-1 (target - A v0)`` (the same solution, at M^2 k instead of
-    k^2 M + k^3); a least-squares fallback for a singular system.
+    k^2 M + k^3). The Gram product is formed in float32 (probabilities: no cancellation), the
+    regularized system is solved in float64 by Cholesky, with a least-squares fallback for a
+    singular one.
     """
-    a = probs.double()
+    a = probs.float()
     M, k = a.shape
-    v0d = v0.double()
     lam = ridge * float((a * a).sum() / max(k, 1)) if k else 0.0  # mean(diag(A^T A)) without forming it
     lam = max(lam, 1e-12 * ridge)
-    if k > M:
-        lhs = a @ a.T + lam * torch.eye(M, dtype=torch.float64)
-        rhs = target.double() - a @ v0d
-    else:
-        lhs = a.T @ a + lam * torch.eye(k, dtype=torch.float64)
-        rhs = a.T @ target.double() + lam * v0d
+    dual = k > M
+    resid = target.float() - a @ v0.float() if dual else None
+    gram = (a @ a.T if dual else a.T @ a).double()
+    lhs = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    rhs = resid.double() if dual else (a.T @ target.float()).double() + lam * v0.double()
     chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) == 0:
         sol = torch.cholesky_solve(rhs, chol)
     else:
         sol = torch.linalg.lstsq(lhs, rhs).solution
-    out = (v0d + a.T @ sol if k > M else sol).to(torch.float32)
+    out = v0.float() + a.T @ sol.float() if dual else sol.float()
     return torch.where(torch.isfinite(out), out, v0.float())
 
 

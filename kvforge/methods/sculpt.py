@@ -11,12 +11,13 @@ closed form by least squares every ``refit_every`` L-BFGS iterations
 softmax: a prefix that lost mass is under-weighted against them, and beta is
 what lets a few compact keys carry the mass of many evicted ones.
 
-Loss per layer, averaged over its KV heads (ragged budgets padded and masked):
+Loss per bucket of a layer's KV heads, averaged over them (ragged counts padded and masked):
 ``|O' - O|^2 / |O|^2 + mass_weight * mean((lse' - lse)^2)``.
 
-Vectorized over the heads of a layer; grouped-query attention is handled by the
-reference (a KV head's queries are those of all its query heads); deterministic
-for a seed (the reference sample; L-BFGS itself has no randomness).
+Vectorized over the heads of a layer, in buckets of similar counts;
+grouped-query attention is handled by the reference (a KV head's queries are
+those of all its query heads); deterministic for a seed (the reference sample;
+L-BFGS itself has no randomness).
 Positions of the compact entries are those of the selected slots they started
 from (informative: the runtime does not use them).
 """

@@ -5,7 +5,7 @@
    keep the top entries per layer (or per head, with a pilot allocation), plus
    sink and recent tokens. With ``blend > 0`` the ranking is the z-scored log
    attention mass plus ``blend`` times the compactor's (z-scored) score: the two
-   selections fail on different documents (BENCHMARKS.md, section 8).
+   selections fail on different documents (BENCHMARKS.md, section 9).
 2. Per head, replace the kept values by the least-squares solution that makes
    the attention output over the kept keys match the full cache's output for
    the reference queries (ridge toward the original values).

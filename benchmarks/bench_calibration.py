@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=60, help="needles corpus: number of documents")
     ap.add_argument("--tokens", type=int, default=1024, help="needles corpus: tokens per document")
     ap.add_argument("--name", default="calibration", help="result file stem")
+    ap.add_argument("--aggregate", choices=("mean", "max"), default="mean",
+                    help="the proxy over the probes: their mean KL, or the worst probe's")
     args = ap.parse_args()
     lm = load_model()
     method = get_method("compactor")
@@ -185,7 +187,7 @@ def main() -> None:
         for k in grid:
             row["fixed"][k] = evaluate(compress_at(Budget(k)))
         for tol in tolerances:
-            keep, ckv, rec = calibrate(lm, ids, kv, method, ctx, CalibrationConfig(tolerance=tol))
+            keep, ckv, rec = calibrate(lm, ids, kv, method, ctx, CalibrationConfig(tolerance=tol, aggregate=args.aggregate))
             row["auto"][tol] = {"keep": keep, "seconds": rec.seconds, "trace": rec.trace, "eval": evaluate(ckv)}
         per_doc.append((row, compress_at, evaluate))
         print(json.dumps({"id": d["id"], "kind": d["kind"], "tokens": T,
@@ -219,7 +221,7 @@ def main() -> None:
         "docs": [{k: r[k] for k in ("id", "kind", "tokens", "prefill_s", "score_s", "full_acc")}
                  | {"fixed": r["fixed"], "auto": {t: {"keep": a["keep"], "eval": a["eval"]} for t, a in r["auto"].items()}}
                  for r in rows],
-        "summary": summary, "corpus": args.corpus,
+        "summary": summary, "corpus": args.corpus, "aggregate": args.aggregate,
         "prefill_s_mean": statistics.mean(r["prefill_s"] for r in rows),
     }
     write_results(args.out, args.name, result, render)

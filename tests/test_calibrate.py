@@ -87,6 +87,18 @@ def test_search_bounds(lm, docs, tolerance):
     assert all(v >= 0 for v in kls.values())
 
 
+def test_worst_probe_aggregate_is_never_less_conservative(lm, docs):
+    ids, kv = _prefill(lm, (docs / "assert.txt").read_text())
+    method, ctx = get_method("compactor"), CompressionContext(seed=0)
+    # the worst probe's KL bounds the mean from above, so its bisection stops at the same keep or later
+    for tolerance in (0.01, 0.05, 0.2):
+        keep_mean, _, _ = calibrate(lm, ids, kv, method, ctx, CalibrationConfig(tolerance=tolerance))
+        keep_max, _, rec = calibrate(lm, ids, kv, method, ctx, CalibrationConfig(tolerance=tolerance, aggregate="max"))
+        assert keep_max >= keep_mean and rec.proxy == "probe-recall-kl-max"
+    with pytest.raises(ValueError):
+        calibrate(lm, ids, kv, method, ctx, CalibrationConfig(aggregate="median"))
+
+
 def test_too_short_to_probe_keeps_everything(lm):
     ids, kv = _prefill(lm, "Short.")
     keep, out, record = calibrate(lm, ids, kv, get_method("compactor"), CompressionContext(seed=0))

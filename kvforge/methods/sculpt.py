@@ -60,8 +60,8 @@ class Sculpt(Compressor):
     ridge: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.refit_every < 1:
-            raise ValueError("steps must be >= 0 and refit_every >= 1")
+        if self.steps < 0 or self.refit_every < 1 or self.blend < 0:
+            raise ValueError("steps must be >= 0, refit_every >= 1 and blend >= 0")
         if self.init not in ("compactor", "select_fit"):
             raise ValueError(f"init must be compactor or select_fit, got {self.init!r}")
 

@@ -46,6 +46,11 @@ class SelectFit(ScoredCompressor):
     blend: float = 0.0  # weight of the compactor's score in the ranking (0: attention mass alone)
     query_block: int = 1024  # reference queries scored at a time (bounds the (H, block, T) logits)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.query_block < 1 or self.blend < 0 or self.samples < 1 or self.score_samples < 1:
+            raise ValueError("query_block, samples and score_samples must be >= 1 and blend >= 0")
+
     @property
     def keeps_originals(self) -> bool:
         return not self.refit

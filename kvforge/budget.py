@@ -17,12 +17,14 @@ selection with its value refit) instead of an optimization.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .methods import Budget, CompressionContext, Compressor
 from .methods.fit import head_errors, hf_model, reference
 from .prefill import KV
+from .ragged import CompressedKV
 
 
 @dataclass
@@ -69,13 +71,20 @@ def redistribute(difficulty: torch.Tensor, total: int, floor: int, cap: int) -> 
     return out.view(difficulty.shape)
 
 
-def allocate(kv: KV, method: Compressor, keep: float, ctx: CompressionContext,
-             floor: int | None = None) -> tuple[Budget, Allocation]:
-    """A budget with per-head counts from a pilot run at ``keep``; the same total as uniform."""
+def allocate(kv: KV, method: Compressor, keep: float, ctx: CompressionContext, floor: int | None = None,
+             compress_at: Callable[[Budget], CompressedKV] | None = None) -> tuple[Budget, Allocation]:
+    """A budget with per-head counts from a pilot run at ``keep``; the same total as uniform.
+
+    compress_at: ``method.prepare(kv, ctx)`` when the caller has it; a pilot that is the method
+    itself then reuses its scores instead of scoring the document again.
+    """
     L, H, T, _ = kv.shape
     pilot = method.selector(refit=True) if hasattr(method, "selector") else method
     uniform = Budget.uniform_heads(keep, L, H, T)
-    compressed = pilot.compress(kv, uniform, ctx)
+    if pilot is method and compress_at is not None:
+        compressed = compress_at(uniform)
+    else:
+        compressed = pilot.compress(kv, uniform, ctx)
     ref = reference(kv, hf_model(ctx), getattr(method, "samples", 256),
                     getattr(method, "position", "end"), ctx.seed)
     difficulty = head_errors(kv, compressed, ref)

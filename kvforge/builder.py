@@ -147,8 +147,9 @@ def compress_document(lm: LoadedModel, ids: list[int], kv, compressor: Compresso
         extra["calibration"] = record.to_dict()
     if allocate == "pilot" and keep < 1.0:
         ctx = dataclasses.replace(ctx, keep=keep)
-        budget, allocation = pilot_allocation(kv, compressor, keep, ctx)
-        out = compressor.compress(kv, budget, ctx)
+        compress_at = compressor.prepare(kv, ctx)  # scored once for the pilot (when it is the method) and the build
+        budget, allocation = pilot_allocation(kv, compressor, keep, ctx, compress_at=compress_at)
+        out = compress_at(budget)
         extra["allocation"] = allocation.to_dict()
     elif out is None:
         out = compressor.compress(kv, Budget(keep=keep), ctx)

@@ -136,6 +136,11 @@ def test_pilot_allocation_keeps_the_total_and_moves_budget_to_hard_heads():
     out = method.compress(kv, budget, CTX)
     assert torch.equal(out.lengths.long(), counts)
     assert alloc.to_dict()["head_totals"] == budget.head_totals
+    # a caller's prepared scores give the pilot the same answer without scoring again
+    calls = []
+    prepared = method.prepare(kv, CTX)
+    again, _ = allocate(kv, method, 0.25, CTX, compress_at=lambda b: calls.append(b) or prepared(b))
+    assert again.head_totals == budget.head_totals and len(calls) == 1
 
 
 def test_per_head_budget_is_exact_for_scored_methods():

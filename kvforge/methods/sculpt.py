@@ -45,7 +45,6 @@ class Sculpt(Compressor):
 
     name = "sculpt"
     needs_queries = True
-    needs_pre_rope_keys = True  # for the compactor's score in the selection it starts from
     produces_beta = True
 
     init: str = "select_fit"  # the selection it starts from: "select_fit" (its ranking, blended) or "compactor"
@@ -68,6 +67,10 @@ class Sculpt(Compressor):
     @property
     def keeps_originals(self) -> bool:
         return False
+
+    @property
+    def needs_pre_rope_keys(self) -> bool:  # the compactor's score, in the selection it starts from
+        return self.selector().needs_pre_rope_keys
 
     def selector(self, refit: bool = False) -> Compressor:
         """The selection sculpt starts from (``refit``: with select_fit's value refit, the pilot's choice)."""

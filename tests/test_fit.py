@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvforge.budget import allocate, redistribute
+from kvforge.errors import ConfigError
 from kvforge.methods import Budget, CompressionContext, get_method
-from kvforge.methods.fit import fit_values, head_errors, reference
+from kvforge.methods.fit import attend, fit_values, head_errors, reference
 from kvforge.prefill import KV
 
 
@@ -63,6 +64,21 @@ def test_fit_values_handles_rank_deficient_systems():
     torch.testing.assert_close(0.5 * (out[0] + out[1]), target.mean(0), atol=1e-3, rtol=0)
     out = fit_values(torch.zeros(8, 4), target, v0, ridge=0.0)  # all-zero system: the fallback
     assert torch.isfinite(out).all()
+    twins = torch.softmax(torch.randn(1, 8).repeat(4, 1), dim=-1)  # dual form, four identical queries
+    out = fit_values(twins, torch.randn(4, 4), torch.randn(8, 4), ridge=0.0)  # singular in float32 and 64
+    assert torch.isfinite(out).all()
+
+
+def test_attend_without_autograd_matches_the_differentiable_path():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g), torch.randn(2, 7, 8, generator=g))
+    beta, valid = torch.randn(2, 7, generator=g), torch.rand(2, 7, generator=g) > 0.3
+    with torch.no_grad():
+        fast = attend(q, k, v, 0.3, beta, valid)  # in-place weights
+    slow = attend(q, k, v, 0.3, beta.clone().requires_grad_(), valid)
+    for x, y in zip(fast, slow):
+        torch.testing.assert_close(x, y.detach(), atol=1e-6, rtol=1e-5)
+    assert slow[0].requires_grad
 
 
 @pytest.mark.parametrize("queries, kept", [(50, 200), (200, 50), (64, 64)])
@@ -80,8 +96,8 @@ def test_fit_values_primal_and_dual_forms_give_the_ridge_solution(queries, kept)
 
 def test_select_fit_scores_by_blocks_and_blends_the_compactor():
     kv = structured_kv()
-    one = get_method("select_fit", query_block=10_000).score(kv, CTX)
-    blocks = get_method("select_fit", query_block=7).score(kv, CTX)
+    one = get_method("select_fit", query_block=10_000, score_dtype="float32").score(kv, CTX)
+    blocks = get_method("select_fit", query_block=7, score_dtype="float32").score(kv, CTX)
     torch.testing.assert_close(one, blocks, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(one.sum(dim=2), torch.ones(2, 2), atol=1e-5, rtol=0)  # a softmax mean per head
     plain, blended = get_method("select_fit"), get_method("select_fit", blend=1.0)
@@ -90,6 +106,16 @@ def test_select_fit_scores_by_blocks_and_blends_the_compactor():
     assert a.kept == b.kept  # the same budget ...
     assert any(not torch.equal(x, y) for x, y in zip(a.positions, b.positions))  # ... spent elsewhere
     assert all(torch.isfinite(v).all() for v in b.values)
+
+
+def test_select_fit_bfloat16_scores_match_float32():
+    kv = structured_kv()
+    fast = get_method("select_fit").score(kv, CTX)  # bfloat16 matmul, the default
+    exact = get_method("select_fit", score_dtype="float32").score(kv, CTX)
+    torch.testing.assert_close(fast, exact, atol=2e-3, rtol=0.02)
+    torch.testing.assert_close(fast.sum(dim=2), torch.ones(2, 2), atol=0.01, rtol=0)  # still a softmax mean
+    with pytest.raises(ConfigError):
+        get_method("select_fit", score_dtype="float16")
 
 
 @pytest.mark.parametrize("name", ["select_fit", "sculpt"])

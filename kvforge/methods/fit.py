@@ -113,24 +113,27 @@ def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridg
 
     probs (M, k), target (M, D), v0 (k, D) -> (k, D). ``lam = ridge * mean(diag(probs^T probs))``
     pulls under-determined entries (few queries, near-duplicate keys) toward their original values.
-    Solved through the smaller of the two equivalent systems: the (k, k) normal equations, or,
-    when there are more kept entries than queries, the (M, M) dual
-    ``V = v0 + A^T (A A^T + lam I)^-1 (target - A v0)`` (the same solution, at M^2 k instead of
-    k^2 M + k^3). The Gram product is formed in float32 (probabilities: no cancellation). The dual
-    system is solved in float32 (its solution is a correction to v0; on real heads it moved by
-    at most 4e-4 of that correction against float64, far inside the float16 the values are
-    stored in), the primal one in float64; a failed Cholesky is retried in float64, then by
-    least squares.
+    Solved for the correction ``V - v0`` through the smaller of the two equivalent systems, with
+    ``r = target - A v0``: the (k, k) normal equations ``(A^T A + lam I) dV = A^T r``, or, when
+    there are more kept entries than queries, the (M, M) dual ``dV = A^T (A A^T + lam I)^-1 r``
+    (the same solution, at M^2 k instead of k^2 M + k^3). Gram products are formed in float32
+    (probabilities: no cancellation). The system is solved in float32 when the ridge bounds its
+    condition number by 1e5 (trace / lam; the default ridge 0.1 gives 10 k): the error then lands
+    on the correction, not on the values (on real heads at most 4e-4 of the correction against
+    float64, far inside the float16 the values are stored in). Otherwise, or if the float32
+    Cholesky fails, in float64, with a least-squares fallback for a singular system.
     """
     a = probs.float()
     M, k = a.shape
     lam = ridge * float((a * a).sum() / max(k, 1)) if k else 0.0  # mean(diag(A^T A)) without forming it
     lam = max(lam, 1e-12 * ridge)
     dual = k > M
-    resid = target.float() - a @ v0.float() if dual else None
-    gram = a @ a.T if dual else (a.T @ a).double()
-    lhs = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
-    rhs = resid if dual else (a.T @ target.float()).double() + lam * v0.double()
+    resid = target.float() - a @ v0.float()  # (M, D)
+    gram = a @ a.T if dual else a.T @ a
+    lhs = gram + lam * torch.eye(gram.shape[0])
+    rhs = resid if dual else a.T @ resid
+    if float((a * a).sum()) > 1e5 * lam:  # trace / lam: a loosely regularized system needs float64
+        lhs, rhs = lhs.double(), rhs.double()
     chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) != 0 and lhs.dtype != torch.float64:
         lhs, rhs = lhs.double(), rhs.double()
@@ -139,7 +142,7 @@ def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridg
         sol = torch.cholesky_solve(rhs, chol)
     else:
         sol = torch.linalg.lstsq(lhs, rhs).solution
-    out = v0.float() + a.T @ sol.float() if dual else sol.float()
+    out = v0.float() + (a.T @ sol.float() if dual else sol.float())
     return torch.where(torch.isfinite(out), out, v0.float())
 
 

@@ -118,10 +118,11 @@ def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridg
     there are more kept entries than queries, the (M, M) dual ``dV = A^T (A A^T + lam I)^-1 r``
     (the same solution, at M^2 k instead of k^2 M + k^3). Gram products are formed in float32
     (probabilities: no cancellation). The system is solved in float32 when the ridge bounds its
-    condition number by 1e5 (trace / lam; the default ridge 0.1 gives 10 k): the error then lands
-    on the correction, not on the values (on real heads at most 4e-4 of the correction against
-    float64, far inside the float16 the values are stored in). Otherwise, or if the float32
-    Cholesky fails, in float64, with a least-squares fallback for a singular system.
+    condition number by 1e5 (trace / lam; the default ridge 0.1 gives 10 k for k entries): the
+    error then lands on the correction, not on the values (dual form on real heads at keep 0.7:
+    at most 4e-4 of the correction against float64, far inside the float16 the values are stored
+    in). Otherwise, or if the float32 Cholesky fails, in float64, with a least-squares fallback
+    for a singular system.
     """
     a = probs.float()
     M, k = a.shape

@@ -45,7 +45,7 @@ class SelectFit(ScoredCompressor):
     refit: bool = True  # False: selection only (the eviction half, for comparisons)
     blend: float = 0.0  # weight of the compactor's score in the ranking (0: attention mass alone)
     query_block: int = 1024  # reference queries scored at a time (bounds the (H, block, T) logits)
-    score_dtype: str = "bfloat16"  # the scoring logits' matmul: "bfloat16" (faster on CPU) or "float32"
+    score_dtype: str = "bfloat16"  # scoring's logits, softmax and block sums: "bfloat16" or "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,7 +71,7 @@ class SelectFit(ScoredCompressor):
         The logits, the softmax and each block's sum over queries run in ``score_dtype`` (the blocks
         accumulate in float32). bfloat16 scores a 2048-token document 2.4x faster on this CPU and
         changes 0.1-0.3% of the kept entries at keeps 0.7-0.1, near-ties (BENCHMARKS.md, section 9
-        cost table).
+        cost table); on a CPU without bfloat16 instructions ``float32`` may be the faster choice.
         """
         ref = self.reference(kv, ctx, self.score_samples)
         L, H, T, _ = kv.shape

@@ -9,7 +9,10 @@ each with one distinct fact somewhere in the repetition and a question on it).
 embedded model can answer: ``--docs`` documents of ``--tokens`` tokens, half
 dense (contiguous Python language reference) and half redundant (one of six
 repeated boilerplate paragraphs), each holding one number, word or UUID needle
-and asked for it (the needle kinds the 135M model's full cache answers).
+and asked for it (the needle kinds the 135M model's full cache answers);
+``--kinds number`` keeps the one kind it answers in both kinds of document.
+``--auto-grid`` sets the keeps ``--keep auto`` chooses from (default: the
+calibration's own grid).
 
 Every document is prefilled and scored once (compactor); then
 * fixed keeps on a grid: accuracy and question+answer KL against the full cache;
@@ -32,7 +35,7 @@ from pathlib import Path
 
 
 from common import environment, write_results
-from kvforge.calibrate import CalibrationConfig, calibrate
+from kvforge.calibrate import GRID, CalibrationConfig, calibrate
 from kvforge.eval.runner import kl_divergence
 from kvforge.eval.tasks import _WORDS, _ask, _needle, _number, _uuid, haystack, insert
 from kvforge.methods import Budget, CompressionContext, get_method
@@ -104,13 +107,15 @@ BOILERPLATE = (
 )
 
 
-def needle_docs(tokenizer, n_docs: int, n_tokens: int, seed: int = 0) -> list[dict]:
+def needle_docs(tokenizer, n_docs: int, n_tokens: int, seed: int = 0,
+                kinds: tuple[str, ...] = ("number", "word", "uuid")) -> list[dict]:
     """``n_docs`` generated documents, alternately dense (language reference) and redundant
-    (a repeated boilerplate paragraph), each with one seeded number / word / UUID needle."""
+    (a repeated boilerplate paragraph), each with one seeded needle, cycling over ``kinds``
+    (number, word, uuid)."""
     docs = []
     for i in range(n_docs):
         rng = random.Random(f"calibration/{seed}/{i}")
-        kind = ("number", "word", "uuid")[(i // 2) % 3]
+        kind = kinds[(i // 2) % len(kinds)]
         key = rng.choice(_WORDS)
         value = {"number": _number, "uuid": _uuid}.get(kind, lambda r: r.choice([w for w in _WORDS if w != key]))(rng)
         if i % 2 == 0:
@@ -144,16 +149,20 @@ def main() -> None:
     ap.add_argument("--name", default="calibration", help="result file stem")
     ap.add_argument("--aggregate", choices=("mean", "max"), default="mean",
                     help="the proxy over the probes: their mean KL, or the worst probe's")
+    ap.add_argument("--kinds", default="number,word,uuid", help="needles corpus: needle kinds to cycle over")
+    ap.add_argument("--auto-grid", default=None,
+                    help="the keeps --keep auto chooses from (default: kvforge.calibrate.GRID)")
     args = ap.parse_args()
     lm = load_model()
     method = get_method("compactor")
     if args.corpus == "needles":
-        docs = needle_docs(lm.tokenizer, args.docs, args.tokens)
+        docs = needle_docs(lm.tokenizer, args.docs, args.tokens, kinds=tuple(args.kinds.split(",")))
     else:
         docs = ([d | {"kind": "dense"} for d in dense_docs()]
                 + [d | {"kind": "redundant"} for d in redundant_docs()])
     tolerances = [float(x) for x in args.tolerances.split(",")]
     grid = [float(x) for x in args.grid.split(",")]
+    auto_grid = tuple(float(x) for x in args.auto_grid.split(",")) if args.auto_grid else GRID
 
     per_doc = []
     for d in docs:
@@ -187,7 +196,8 @@ def main() -> None:
         for k in grid:
             row["fixed"][k] = evaluate(compress_at(Budget(k)))
         for tol in tolerances:
-            keep, ckv, rec = calibrate(lm, ids, kv, method, ctx, CalibrationConfig(tolerance=tol, aggregate=args.aggregate))
+            cfg = CalibrationConfig(tolerance=tol, aggregate=args.aggregate, grid=auto_grid)
+            keep, ckv, rec = calibrate(lm, ids, kv, method, ctx, cfg)
             row["auto"][tol] = {"keep": keep, "seconds": rec.seconds, "trace": rec.trace, "eval": evaluate(ckv)}
         per_doc.append((row, compress_at, evaluate))
         print(json.dumps({"id": d["id"], "kind": d["kind"], "tokens": T,
@@ -221,7 +231,8 @@ def main() -> None:
         "docs": [{k: r[k] for k in ("id", "kind", "tokens", "prefill_s", "score_s", "full_acc")}
                  | {"fixed": r["fixed"], "auto": {t: {"keep": a["keep"], "eval": a["eval"]} for t, a in r["auto"].items()}}
                  for r in rows],
-        "summary": summary, "corpus": args.corpus, "aggregate": args.aggregate,
+        "summary": summary, "corpus": args.corpus, "aggregate": args.aggregate, "auto_grid": list(auto_grid),
+        "kinds": args.kinds if args.corpus == "needles" else None,
         "prefill_s_mean": statistics.mean(r["prefill_s"] for r in rows),
     }
     write_results(args.out, args.name, result, render)

@@ -62,7 +62,8 @@ def cli():
               help="compression method (see `kvforge methods`), optionally with options: select_fit:blend=1")
 @click.option("--keep", default="0.5", show_default=True,
               help="fraction of (layer, head, token) entries to keep, in (0, 1]; or 'auto': per document, the "
-                   "smallest keep whose recall of the document stays within --tolerance of the full cache")
+                   "smallest keep (0.1 to 1) whose recall of the document stays within --tolerance of the "
+                   "full cache")
 @click.option("--tolerance", default=None, type=float,
               help="with --keep auto: the largest mean KL (nats per token) on recall probes accepted "
                    "[default: 0.1]; smaller keeps more")

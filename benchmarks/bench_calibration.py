@@ -150,13 +150,14 @@ def main() -> None:
     ap.add_argument("--aggregate", choices=("mean", "max"), default="mean",
                     help="the proxy over the probes: their mean KL, or the worst probe's")
     ap.add_argument("--kinds", default="number,word,uuid", help="needles corpus: needle kinds to cycle over")
+    ap.add_argument("--seed", type=int, default=0, help="needles corpus: generation seed")
     ap.add_argument("--auto-grid", default=None,
                     help="the keeps --keep auto chooses from (default: kvforge.calibrate.GRID)")
     args = ap.parse_args()
     lm = load_model()
     method = get_method("compactor")
     if args.corpus == "needles":
-        docs = needle_docs(lm.tokenizer, args.docs, args.tokens, kinds=tuple(args.kinds.split(",")))
+        docs = needle_docs(lm.tokenizer, args.docs, args.tokens, seed=args.seed, kinds=tuple(args.kinds.split(",")))
     else:
         docs = ([d | {"kind": "dense"} for d in dense_docs()]
                 + [d | {"kind": "redundant"} for d in redundant_docs()])
@@ -232,7 +233,7 @@ def main() -> None:
                  | {"fixed": r["fixed"], "auto": {t: {"keep": a["keep"], "eval": a["eval"]} for t, a in r["auto"].items()}}
                  for r in rows],
         "summary": summary, "corpus": args.corpus, "aggregate": args.aggregate, "auto_grid": list(auto_grid),
-        "kinds": args.kinds if args.corpus == "needles" else None,
+        "kinds": args.kinds if args.corpus == "needles" else None, "seed": args.seed,
         "prefill_s_mean": statistics.mean(r["prefill_s"] for r in rows),
     }
     write_results(args.out, args.name, result, render)

@@ -70,6 +70,18 @@ def test_fit_values_handles_rank_deficient_systems():
     assert torch.isfinite(out).all()
 
 
+def test_reference_targets_are_computed_once_per_cache():
+    kv, other = structured_kv(seed=0), structured_kv(seed=1)
+    ref = reference(kv, samples=32, position="own")
+    first = ref.targets(kv, 1)
+    assert all(a is b for a, b in zip(first, ref.targets(kv, 1)))  # the same cache: reused
+    again = ref.targets(other, 1)  # another cache: recomputed, not served stale
+    want = attend(ref.queries[1], other.keys[1].float(), other.values[1].float(), ref.scale)
+    for got, exp in zip(again, want):
+        torch.testing.assert_close(got, exp)
+    assert not torch.allclose(first[0], again[0])
+
+
 def test_attend_without_autograd_matches_the_differentiable_path():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g), torch.randn(2, 7, 8, generator=g))

@@ -20,7 +20,7 @@ Shapes: per layer, queries ``(H, M, D)`` with ``M = group * samples``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,10 +33,19 @@ class Reference:
 
     queries: list[torch.Tensor]
     scale: float
+    _targets: dict = field(default_factory=dict, repr=False, compare=False)  # layer -> (keys, out, lse)
 
     def targets(self, kv: KV, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-cache output (H, M, D) and log-mass (H, M) of the reference queries at ``layer``."""
-        return attend(self.queries[layer], kv.keys[layer].float(), kv.values[layer].float(), self.scale)
+        """Full-cache output (H, M, D) and log-mass (H, M) of the reference queries at ``layer``.
+
+        Computed once per layer for a given cache: a build asks for them in every value refit and
+        optimization of the same document (the pilot's and the final one's). Treat as read-only.
+        """
+        hit = self._targets.get(layer)
+        if hit is None or hit[0] is not kv.keys:
+            out, lse = attend(self.queries[layer], kv.keys[layer].float(), kv.values[layer].float(), self.scale)
+            hit = self._targets[layer] = (kv.keys, out, lse)
+        return hit[1], hit[2]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, beta: torch.Tensor | None = None,
@@ -126,14 +135,14 @@ def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridg
     """
     a = probs.float()
     M, k = a.shape
-    lam = ridge * float((a * a).sum() / max(k, 1)) if k else 0.0  # mean(diag(A^T A)) without forming it
-    lam = max(lam, 1e-12 * ridge)
+    trace = float((a * a).sum())  # of A^T A and of A A^T, without forming either
+    lam = max(ridge * trace / max(k, 1), 1e-12 * ridge)  # ridge * mean(diag(A^T A))
     dual = k > M
     resid = target.float() - a @ v0.float()  # (M, D)
     gram = a @ a.T if dual else a.T @ a
     lhs = gram + lam * torch.eye(gram.shape[0])
     rhs = resid if dual else a.T @ resid
-    if float((a * a).sum()) > 1e5 * lam:  # trace / lam: a loosely regularized system needs float64
+    if trace > 1e5 * lam:  # trace / lam bounds the condition number: a loose ridge needs float64
         lhs, rhs = lhs.double(), rhs.double()
     chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) != 0 and lhs.dtype != torch.float64:

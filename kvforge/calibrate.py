@@ -50,6 +50,10 @@ class CalibrationConfig:
     target: int = 24
     aggregate: str = "mean"  # over the probes' mean KLs: "mean", or "max" (no passage may be forgotten)
 
+    def __post_init__(self) -> None:
+        if self.aggregate not in ("mean", "max"):
+            raise ValueError(f"aggregate must be 'mean' or 'max', got {self.aggregate!r}")
+
 
 @dataclass
 class Calibration:
@@ -170,8 +174,6 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
     if probes:
         ref = _probe_logits(Doc.from_kv(lm, keep_all(kv), T), probes)
 
-    if cfg.aggregate not in ("mean", "max"):
-        raise ValueError(f"aggregate must be 'mean' or 'max', got {cfg.aggregate!r}")
     sizes = [len(a) for _, a in probes]
 
     def evaluate(keep: float) -> float:

@@ -8,8 +8,9 @@ method specs; each at the given keeps with uniform allocation, and with
 
     .venv/bin/python benchmarks/bench_fit_cost.py --out benchmarks/results
 
-A method spec is a name or ``name:key=value,key=value`` (method options as in
-the artifact's config). Writes fit_cost.json and fit_cost.md.
+A method spec is a name or ``name:key=value:key=value`` (method options as in
+the artifact's config; the specs of ``kvforge build --method``). Writes
+fit_cost.json and fit_cost.md.
 """
 
 from __future__ import annotations
@@ -26,16 +27,6 @@ from kvforge.prefill import prefill
 from kvforge.methods import get_method
 
 
-def parse_spec(spec: str):
-    """``name`` or ``name:key=value,...`` -> (label, Compressor)."""
-    name, _, opts = spec.partition(":")
-    config = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        config[key] = json.loads(value) if value not in ("select_fit", "compactor") else value
-    return spec, get_method(name, **config)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
@@ -47,7 +38,7 @@ def main() -> None:
     ap.add_argument("--name", default="fit_cost")
     args = ap.parse_args()
     lm = load_model()
-    methods = [parse_spec(s) for s in args.methods.split(";")]
+    methods = [(spec, get_method(spec)) for spec in args.methods.split(";")]
     keeps = [float(k) for k in args.keeps.split(",")]
     allocs = ["uniform", "pilot"] if args.pilot else ["uniform"]
     rows = []

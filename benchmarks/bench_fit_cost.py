@@ -41,6 +41,7 @@ def main() -> None:
     methods = [(spec, get_method(spec)) for spec in args.methods.split(";")]
     keeps = [float(k) for k in args.keeps.split(",")]
     allocs = ["uniform", "pilot"] if args.pilot else ["uniform"]
+    surprisal = any(m.needs_surprisal for _, m in methods)  # the capture then includes it, for every method
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
         ids = make_ids(lm, n)
@@ -49,7 +50,8 @@ def main() -> None:
         for _ in range(args.repeats):
             _, t = timed(lambda: prefill(lm.model, ids))
             times.setdefault("prefill", []).append(t)
-            kv, t = timed(lambda: prefill(lm.model, ids, queries=True, pre_rope_keys=True))
+            kv, t = timed(lambda: prefill(lm.model, ids, queries=True, pre_rope_keys=True,
+                                              surprisal=surprisal))
             times.setdefault("capture", []).append(t)
             for label, method in methods:
                 for keep in keeps:

@@ -90,7 +90,8 @@ def main() -> None:
         for task in tasks:
             ids = lm.encode_document(task.context)
             T = len(ids)
-            kv = prefill(lm.model, ids, queries=method.needs_queries, pre_rope_keys=method.needs_pre_rope_keys)
+            kv = prefill(lm.model, ids, queries=method.needs_queries, pre_rope_keys=method.needs_pre_rope_keys,
+                         surprisal=method.needs_surprisal)
             full = Doc.from_kv(lm, keep_all(kv), T)
             ref = full.answer_ids(task.question, 24) or [lm.tokenizer.eos_token_id or 0]
             ref_qa = full.logits(task.question, ref, include_question=True)

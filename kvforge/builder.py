@@ -103,7 +103,7 @@ def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
     check_length(len(ids), lm.info.max_context, doc.path or doc.id)
     compressor = Compressor.from_dict(config.method)
     kv = prefill(lm.model, ids, queries=compressor.needs_queries or config.allocate == "pilot",
-                 pre_rope_keys=compressor.needs_pre_rope_keys)
+                 pre_rope_keys=compressor.needs_pre_rope_keys, surprisal=compressor.needs_surprisal)
     L, H, T, _ = kv.shape
     keep, out, extra = compress_document(lm, ids, kv, compressor, config.keep, tolerance=config.tolerance,
                                          allocate=config.allocate, seed=config.seed)

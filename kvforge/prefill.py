@@ -2,7 +2,8 @@
 
 Returns the full KV cache of the document segment (template prefix + text) as
 dense tensors, the input to every compression method, and on request what
-query-aware scorers need: the post-RoPE queries and the pre-RoPE keys.
+query-aware scorers need: the post-RoPE queries and the pre-RoPE keys, and
+each token's surprisal under the model (a prior for what questions ask about).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ class KV:
     values:        (layers, kv_heads, tokens, head_dim)
     queries:       None or (layers, q_heads, tokens, head_dim), post-RoPE, float16
     keys_pre_rope: None or (layers, kv_heads, tokens, head_dim), the k_proj outputs
+    surprisal:     None or (tokens,), float32: -log p(token | the tokens before it) in nats; 0 for the first
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor | None = None
     keys_pre_rope: torch.Tensor | None = None
+    surprisal: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -73,12 +76,37 @@ def _register_capture() -> None:
     AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
 
 
+def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """-log p(x_t | x_<t) for every token from the final hidden states; (T,) float32, 0 at t = 0.
+
+    hidden: (T, d), the output of the model's final norm; input_ids: (T,).
+    The output head runs ``chunk`` positions at a time in bfloat16: the (chunk, vocab) logits
+    stay small for any vocabulary, and a ranking prior needs no more precision.
+    """
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    weight = head.weight.to(torch.bfloat16)
+    bias = head.bias.to(torch.bfloat16) if getattr(head, "bias", None) is not None else None
+    T = hidden.shape[0]
+    out = torch.zeros(T)
+    for a in range(0, T - 1, chunk):
+        b = min(a + chunk, T - 1)  # position t predicts token t + 1
+        logits = torch.nn.functional.linear(hidden[a:b].to(torch.bfloat16), weight, bias).float()  # (c, V)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        nxt = input_ids[a + 1:b + 1]
+        out[a + 1:b + 1] = torch.logsumexp(logits, dim=-1) - logits.gather(1, nxt[:, None])[:, 0]
+    return out
+
+
 @torch.inference_mode()
-def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys: bool = False) -> KV:
+def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys: bool = False,
+            surprisal: bool = False) -> KV:
     """Run ``model`` over ``input_ids`` (one sequence) and return its full KV cache.
 
     queries:       also return the post-RoPE queries of every layer (float16)
     pre_rope_keys: also return the keys before RoPE (outputs of each layer's ``k_proj``)
+    surprisal:     also return every token's surprisal (:func:`token_surprisal`)
     """
     global _captured
     from transformers import DynamicCache
@@ -96,6 +124,9 @@ def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys
             for layer in model.model.layers:
                 hooks.append(layer.self_attn.k_proj.register_forward_hook(
                     lambda mod, inp, out: pre_keys.append(out[0])))
+        final: list[torch.Tensor] = []
+        if surprisal:
+            hooks.append(model.model.norm.register_forward_hook(lambda mod, inp, out: final.append(out[0])))
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         q = torch.stack(_captured) if queries else None  # (L, Hq, T, D)
     finally:
@@ -110,4 +141,5 @@ def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys
     if pre_rope_keys:
         L, H, T, D = keys.shape
         kpre = torch.stack([k.view(T, H, D).transpose(0, 1) for k in pre_keys])  # (L, H, T, D)
-    return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre)
+    surp = token_surprisal(model, final[0], ids[0]) if surprisal else None
+    return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre, surprisal=surp)

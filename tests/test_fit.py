@@ -20,7 +20,8 @@ def structured_kv(L=2, H=2, T=96, D=16, group=2, seed=0) -> KV:
     values = torch.randn(L, H, T, D, generator=g)
     queries = (centers[torch.randint(0, 3, (L, H * group, T), generator=g)]
                + 0.5 * torch.randn(L, H * group, T, D, generator=g))
-    return KV(keys=keys, values=values, queries=queries.half(), keys_pre_rope=keys.clone())
+    return KV(keys=keys, values=values, queries=queries.half(), keys_pre_rope=keys.clone(),
+              surprisal=torch.rand(T, generator=g) * 5)
 
 
 CTX = CompressionContext(seed=0)
@@ -144,7 +145,8 @@ def test_numerical_robustness(name, case):
     elif case == "keep_near_1":
         keep = 0.999
     elif case == "fp16":
-        kv = KV(keys=kv.keys.half(), values=kv.values.half(), queries=kv.queries, keys_pre_rope=kv.keys_pre_rope.half())
+        kv = KV(keys=kv.keys.half(), values=kv.values.half(), queries=kv.queries, keys_pre_rope=kv.keys_pre_rope.half(),
+                surprisal=kv.surprisal.half())
     config = {"steps": 6, "samples": 48, "position": "own"} if name == "sculpt" else {"samples": 48}
     out = get_method(name, **config).compress(kv, Budget(keep), CTX)
     for layer in range(len(out.keys)):
@@ -268,3 +270,70 @@ def test_method_specs_carry_options():
                 "select_fit:blend=-1", "sculpt:blend=-1"):
         with pytest.raises(ConfigError):
             get_method(bad)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen"])
+def test_prefill_surprisal_is_the_models_next_token_loss(fixture, request):
+    """Each token's -log p under the model, from the final hidden states, as the full logits give it."""
+    from kvforge.model import load_model
+    from kvforge.prefill import prefill
+
+    lm = load_model(str(request.getfixturevalue(fixture)))
+    ids = lm.encode_document("The quick brown fox jumps over the lazy dog. " * 30)
+    kv = prefill(lm.model, ids, queries=True, surprisal=True)
+    assert kv.surprisal.shape == (len(ids),) and kv.surprisal.dtype == torch.float32 and kv.surprisal[0] == 0
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.tensor([ids])).logits[0].float()
+    want = -torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    # the output head runs in bfloat16 (a ranking prior): within a few hundredths of a nat of float32
+    torch.testing.assert_close(kv.surprisal[1:], want, atol=0.1, rtol=0.02)
+    assert prefill(lm.model, ids).surprisal is None  # only on request: it costs an output head per token
+    # chunked: a chunk boundary anywhere gives the same values
+    from kvforge.prefill import token_surprisal
+
+    hidden = torch.randn(37, lm.model.config.hidden_size)
+    tok = torch.randint(0, lm.model.config.vocab_size, (37,))
+    torch.testing.assert_close(token_surprisal(lm.model, hidden, tok, chunk=5),
+                               token_surprisal(lm.model, hidden, tok, chunk=512))
+
+
+def test_surprisal_prior_is_smoothed_and_z_scored():
+    from kvforge.methods.select_fit import surprisal_prior
+
+    T = 40
+    s = torch.full((T,), 1.0)
+    s[0] = 0.0  # no prediction for the first token
+    s[20] = 11.0  # one surprising token
+    kv = KV(keys=torch.zeros(1, 1, T, 4), values=torch.zeros(1, 1, T, 4), surprisal=s)
+    p = surprisal_prior(kv, 5)
+    assert p.shape == (T,) and abs(float(p.mean())) < 1e-5 and abs(float(p.std()) - 1) < 1e-4
+    assert torch.allclose(p[18:23], p[20].expand(5))  # the window spreads it over its neighbours ...
+    assert bool((p[18:23] > p[23:].max()).all()) and torch.allclose(p[:17], p[1].expand(17))  # ... and no further
+    assert int(surprisal_prior(kv, 1).argmax()) == 20
+    assert torch.isfinite(surprisal_prior(KV(keys=torch.zeros(1, 1, 1, 4), values=torch.zeros(1, 1, 1, 4),
+                                             surprisal=torch.zeros(1)), 5)).all()
+    with pytest.raises(ValueError, match="surprisal=True"):
+        surprisal_prior(KV(keys=torch.zeros(1, 1, T, 4), values=torch.zeros(1, 1, T, 4)), 5)
+
+
+def test_select_fit_and_sculpt_keep_a_surprising_span_with_the_prior():
+    kv = structured_kv(T=96)
+    surprisal = torch.ones(96)
+    surprisal[50:53] = 12.0  # a three-token "number" the document's own queries do not look at
+    kv.surprisal = surprisal
+    for name in ("select_fit", "sculpt"):
+        plain = get_method(name, samples=96, position="own", surprisal=0.0)
+        prior = get_method(name, samples=96, position="own", surprisal=2.0)
+        assert prior.needs_surprisal and not plain.needs_surprisal
+        budget = Budget(0.25)  # 24 entries per head, 12 of them the protected sink and recent tokens
+
+        def span_kept(out):
+            return sum(int(((p >= 50) & (p < 53)).sum()) for p in out.positions)
+
+        a, b = plain.compress(kv, budget, CTX), prior.compress(kv, budget, CTX)
+        assert a.kept == b.kept  # the same budget
+        assert span_kept(b) == 3 * 2 * 2 > span_kept(a), name  # every layer and head keeps the whole span
+    with pytest.raises(ConfigError):
+        get_method("select_fit", surprisal=-1)
+    with pytest.raises(ConfigError):
+        get_method("sculpt", surprisal=-0.5)

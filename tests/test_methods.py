@@ -12,12 +12,13 @@ from kvforge.prefill import KV
 
 
 def random_kv(L=3, H=4, T=50, D=8, seed=0, group=2) -> KV:
-    """Random KV with everything a method may ask for (queries, pre-RoPE keys)."""
+    """Random KV with everything a method may ask for (queries, pre-RoPE keys, token surprisal)."""
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(L, H, T, D, generator=g) * torch.rand(L, H, 1, 1, generator=g) * 3
     return KV(keys=keys, values=torch.randn(L, H, T, D, generator=g),
               queries=torch.randn(L, H * group, T, D, generator=g).half(),
-              keys_pre_rope=keys + 0.1 * torch.randn(L, H, T, D, generator=g))
+              keys_pre_rope=keys + 0.1 * torch.randn(L, H, T, D, generator=g),
+              surprisal=torch.rand(T, generator=g) * 5)
 
 
 @pytest.fixture(params=sorted(_REGISTRY))

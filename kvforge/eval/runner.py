@@ -94,6 +94,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
     compressors: dict[str, Compressor] = {m: get_method(m) for m in cfg.methods if m != "full"}
     needs_q = any(c.needs_queries for c in compressors.values()) or "pilot" in cfg.allocations
     needs_pre = any(c.needs_pre_rope_keys for c in compressors.values())
+    needs_surprisal = any(c.needs_surprisal for c in compressors.values())
     bar = tqdm(total=len(tasks) * len(configs), desc="eval", unit="run", disable=not progress)
     bar.update(sum(_row_key(t.id, m, k) in done for t in tasks for m, k in configs))
     with open(rows_path, "a") as sink:
@@ -104,7 +105,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
             ids = lm.encode_document(task.context)
             T = len(ids)
             t0 = time.perf_counter()
-            kv = prefill(lm.model, ids, queries=needs_q, pre_rope_keys=needs_pre)
+            kv = prefill(lm.model, ids, queries=needs_q, pre_rope_keys=needs_pre, surprisal=needs_surprisal)
             prefill_s = time.perf_counter() - t0
             full_kv = keep_all(kv)
             full = Doc.from_kv(lm, full_kv, T, {"name": "full"})

@@ -122,6 +122,7 @@ class Compressor:
     needs_model: ClassVar[bool] = False  # ctx.model must be set
     needs_queries: ClassVar[bool] = False  # prefill must capture the post-RoPE queries
     needs_pre_rope_keys: ClassVar[bool] = False  # prefill must capture the keys before RoPE
+    needs_surprisal: ClassVar[bool] = False  # prefill must compute every token's surprisal
     produces_beta: ClassVar[bool] = False  # output carries an attention bias
 
     @property

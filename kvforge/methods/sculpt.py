@@ -1,8 +1,9 @@
 """KVSculpt: optimize a smaller set of unconstrained KV pairs per layer and KV head.
 
 Starting from the best selection measured (by default select_fit's attention
-mass over the reference queries blended with the compactor's score, both
-z-scored: BENCHMARKS.md, section 9) with least-squares values, every head's
+mass over the reference queries blended with the compactor's score and the
+surprisal prior, all z-scored: BENCHMARKS.md, section 9) with least-squares
+values, every head's
 ``m`` compact keys (and, with ``beta``, an additive attention bias per key;
 keys are off by default) are optimized with L-BFGS so that the reference queries
 (:mod:`kvforge.methods.fit`) see the same attention output and the same
@@ -49,6 +50,7 @@ class Sculpt(Compressor):
 
     init: str = "select_fit"  # the selection it starts from: "select_fit" (its ranking, blended) or "compactor"
     blend: float = 1.0  # with init "select_fit": weight of the compactor's score in its ranking
+    surprisal: float = 1.0  # with init "select_fit": weight of the surprisal prior in its ranking (0: none)
     steps: int = 10  # L-BFGS iterations per layer
     refit_every: int = 5  # values re-solved after every this many iterations
     keys: bool = False  # also optimize the keys (measured to overfit the reference queries: BENCHMARKS.md)
@@ -59,8 +61,8 @@ class Sculpt(Compressor):
     ridge: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.refit_every < 1 or self.blend < 0:
-            raise ValueError("steps must be >= 0, refit_every >= 1 and blend >= 0")
+        if self.steps < 0 or self.refit_every < 1 or self.blend < 0 or self.surprisal < 0:
+            raise ValueError("steps must be >= 0, refit_every >= 1, blend and surprisal >= 0")
         if self.init not in ("compactor", "select_fit"):
             raise ValueError(f"init must be compactor or select_fit, got {self.init!r}")
 
@@ -72,12 +74,16 @@ class Sculpt(Compressor):
     def needs_pre_rope_keys(self) -> bool:  # the compactor's score, in the selection it starts from
         return self.selector().needs_pre_rope_keys
 
+    @property
+    def needs_surprisal(self) -> bool:  # the surprisal prior, in the selection it starts from
+        return self.selector().needs_surprisal
+
     def selector(self, refit: bool = False) -> Compressor:
         """The selection sculpt starts from (``refit``: with select_fit's value refit, the pilot's choice)."""
         if self.init == "compactor":
             return get_method("compactor")
-        return SelectFit(refit=refit, position=self.position, blend=self.blend, samples=self.samples,
-                         ridge=self.ridge)
+        return SelectFit(refit=refit, position=self.position, blend=self.blend, surprisal=self.surprisal,
+                         samples=self.samples, ridge=self.ridge)
 
     def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
         select_at = self.selector().prepare(kv, ctx)

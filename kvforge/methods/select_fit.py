@@ -5,7 +5,13 @@
    keep the top entries per layer (or per head, with a pilot allocation), plus
    sink and recent tokens. With ``blend > 0`` the ranking is the z-scored log
    attention mass plus ``blend`` times the compactor's (z-scored) score: the two
-   selections fail on different documents (BENCHMARKS.md, section 9).
+   selections fail on different documents (BENCHMARKS.md, section 9). With
+   ``surprisal > 0`` it also adds that weight times a token prior, the same for
+   every layer and head: each token's surprisal under the model (-log p of the
+   token given the ones before it), averaged over a window of
+   ``surprisal_window`` tokens and z-scored. What a document states that its
+   context does not predict (a number, a name, a code) is what a later question
+   asks for and what no query inside the document attends to (section 9).
 2. Per head, replace the kept values by the least-squares solution that makes
    the attention output over the kept keys match the full cache's output for
    the reference queries (ridge toward the original values).
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..prefill import KV
 from ..ragged import CompressedKV
@@ -46,11 +53,15 @@ class SelectFit(ScoredCompressor):
     blend: float = 0.0  # weight of the compactor's score in the ranking (0: attention mass alone)
     query_block: int = 1024  # reference queries scored at a time (bounds the (H, block, T) logits)
     score_dtype: str = "bfloat16"  # scoring's logits, softmax and block sums: "bfloat16" or "float32"
+    surprisal: float = 0.0  # weight of the surprisal prior in the ranking (0: none)
+    surprisal_window: int = 5  # tokens the surprisal is averaged over (the rest of a number, of a name)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.query_block < 1 or self.blend < 0 or self.samples < 1 or self.score_samples < 1:
             raise ValueError("query_block, samples and score_samples must be >= 1 and blend >= 0")
+        if self.surprisal < 0 or self.surprisal_window < 1:
+            raise ValueError("surprisal must be >= 0 and surprisal_window >= 1")
         if self.score_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"score_dtype must be 'bfloat16' or 'float32', got {self.score_dtype!r}")
 
@@ -64,6 +75,10 @@ class SelectFit(ScoredCompressor):
     @property
     def needs_pre_rope_keys(self) -> bool:  # the compactor's leverage, when blended
         return self.blend > 0
+
+    @property
+    def needs_surprisal(self) -> bool:
+        return self.surprisal > 0
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
         """Mean attention each entry receives from the reference queries: (L, H, T).
@@ -88,13 +103,17 @@ class SelectFit(ScoredCompressor):
 
     def scorer(self, kv: KV, ctx: CompressionContext) -> Callable[[float], torch.Tensor]:
         mass = self.score(kv, ctx)
-        if self.blend <= 0:
+        if self.blend <= 0 and self.surprisal <= 0:
             return lambda keep: mass
         from .compactor import Compactor, _zscore_per_layer
 
-        mass = _zscore_per_layer(mass.clamp_min(1e-30).log())
+        base = _zscore_per_layer(mass.clamp_min(1e-30).log())
+        if self.surprisal > 0:
+            base = base + self.surprisal * surprisal_prior(kv, self.surprisal_window)  # (T,) broadcast
+        if self.blend <= 0:
+            return lambda keep: base
         compactor = Compactor().scorer(kv, ctx)  # z-scored blend per keep; protected tokens +inf
-        return lambda keep: mass + self.blend * compactor(keep)
+        return lambda keep: base + self.blend * compactor(keep)
 
     def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
         ref = self.reference(kv, ctx)
@@ -105,6 +124,24 @@ class SelectFit(ScoredCompressor):
             return refit_values(kv, out, ref, self.ridge) if self.refit else out
 
         return compress_at
+
+
+def surprisal_prior(kv: KV, window: int) -> torch.Tensor:
+    """(T,): the prefill's per-token surprisal averaged over ``window`` neighbours, z-scored over the document.
+
+    The first token has no prediction (surprisal 0): it takes its neighbour's value, so that it
+    pulls neither the mean nor its window down (it is a protected sink anyway).
+    """
+    if kv.surprisal is None:
+        raise ValueError("the surprisal prior needs the prefill's token surprisal (prefill(..., surprisal=True))")
+    x = kv.surprisal.float().clone()
+    T = x.shape[0]
+    if T > 1:
+        x[0] = x[1]
+    if window > 1 and T > 1:
+        x = F.avg_pool1d(x.view(1, 1, T), kernel_size=window, stride=1, padding=window // 2,
+                         count_include_pad=False).view(-1)[:T]
+    return (x - x.mean()) / x.std().clamp_min(1e-6) if T > 1 else torch.zeros(T)
 
 
 def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> CompressedKV:
@@ -126,4 +163,4 @@ def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> Com
     return dataclasses.replace(out, values=values)
 
 
-__all__ = ["SelectFit", "refit_values"]
+__all__ = ["SelectFit", "refit_values", "surprisal_prior"]

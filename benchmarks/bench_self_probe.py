@@ -14,8 +14,9 @@ sources side by side, on the same prefill, with everything else equal:
 
 Each is rotated from its position to the document's end. For every generated
 needle task: one prefill of ``document + repeat prompt + document`` (its first
-part is the document's cache), then ``sculpt`` with pilot allocation at
-``--keep``, question appended after compression; needle accuracy and KL on
+part is the document's cache), then ``sculpt`` without the surprisal prior
+(as when this was measured: the prior does not depend on the reference
+queries) with pilot allocation at ``--keep``, question appended after compression; needle accuracy and KL on
 question + answer tokens against the full cache.
 
 The query source is swapped by replacing ``reference`` in the modules that
@@ -73,7 +74,7 @@ def main() -> None:
     lm = load_model()
     for module in (fit, select_fit, sculpt, budget):
         module.reference = reference_from_bank
-    method = get_method("sculpt")
+    method = get_method("sculpt", surprisal=0.0)
     prompt = lm.encode_question("Repeat the document above, word for word.")
     start = len(lm.encode_document(""))
     rows = []

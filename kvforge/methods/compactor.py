@@ -52,6 +52,16 @@ def _zscore_per_layer(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def smooth_tokens(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(..., T) -> (..., T): each token's mean over the ``window`` tokens centred on it (fewer at the edges)."""
+    if window <= 1:
+        return x
+    T = x.shape[-1]
+    out = F.avg_pool1d(x.reshape(-1, 1, T), kernel_size=window, stride=1, padding=window // 2,
+                       count_include_pad=False)[..., :T]  # an even window gives T + 1 means: drop the last
+    return out.reshape(x.shape)
+
+
 def _chunks(T: int, size: int) -> list[tuple[int, int]]:
     """[start, end) chunks of ``size``; a last chunk under half a chunk joins the previous one."""
     bounds = list(range(0, T, size)) + [T]
@@ -105,10 +115,7 @@ def chunked_attention_scores(queries: torch.Tensor, keys: torch.Tensor, values: 
             # column sums over the chunk's queries, averaged over the query heads of the group
             out[layer, :, a:b] = attn.view(H, group, b - a, b - a).sum(dim=2).mean(dim=1)
     out = out * values.float().norm(dim=-1)
-    if smooth > 1:
-        out = F.avg_pool1d(out.view(L * H, 1, T), kernel_size=smooth, stride=1, padding=smooth // 2,
-                           count_include_pad=False).view(L, H, T)
-    return out
+    return smooth_tokens(out, smooth)
 
 
 @register

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..prefill import KV
 from ..ragged import CompressedKV
@@ -134,14 +133,14 @@ def surprisal_prior(kv: KV, window: int) -> torch.Tensor:
     """
     if kv.surprisal is None:
         raise ValueError("the surprisal prior needs the prefill's token surprisal (prefill(..., surprisal=True))")
+    from .compactor import _zscore_per_layer, smooth_tokens
+
     x = kv.surprisal.float().clone()
     T = x.shape[0]
-    if T > 1:
-        x[0] = x[1]
-    if window > 1 and T > 1:
-        x = F.avg_pool1d(x.view(1, 1, T), kernel_size=window, stride=1, padding=window // 2,
-                         count_include_pad=False).view(-1)[:T]
-    return (x - x.mean()) / x.std().clamp_min(1e-6) if T > 1 else torch.zeros(T)
+    if T < 2:  # nothing to compare a lone token with
+        return torch.zeros(T)
+    x[0] = x[1]
+    return _zscore_per_layer(smooth_tokens(x, window).view(1, 1, T)).view(T)
 
 
 def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> CompressedKV:

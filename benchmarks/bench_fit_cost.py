@@ -4,7 +4,8 @@ Side by side in one run, interleaved, on real text (Python's language reference)
 plain prefill; prefill capturing queries (and pre-RoPE keys); ``select_fit``
 (attention-mass scoring + least-squares value refit) and, if asked, other
 method specs; each at the given keeps with uniform allocation, and with
-``--pilot`` also with pilot allocation. Medians of ``--repeats``.
+``--pilot`` also with pilot allocation (and ``--unshared`` with the pilot scoring and sampling
+on its own, to time what sharing them saves). Medians of ``--repeats``.
 
     .venv/bin/python benchmarks/bench_fit_cost.py --out benchmarks/results
 
@@ -21,10 +22,11 @@ import statistics
 
 from bench_compactor import make_ids, timed
 from common import environment, write_results
+from kvforge.budget import allocate
 from kvforge.builder import compress_document
 from kvforge.model import load_model
 from kvforge.prefill import prefill
-from kvforge.methods import get_method
+from kvforge.methods import CompressionContext, get_method
 
 
 def main() -> None:
@@ -34,13 +36,16 @@ def main() -> None:
     ap.add_argument("--methods", default="select_fit;sculpt", help="method specs separated by ';'")
     ap.add_argument("--keeps", default="0.5,0.1")
     ap.add_argument("--pilot", action="store_true", help="also time pilot allocation")
+    ap.add_argument("--unshared", action="store_true",
+                    help="with --pilot, also time the pilot without what the method's prepare shares with it "
+                         "(its selection and reference queries): the cost that sharing saves")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--name", default="fit_cost")
     args = ap.parse_args()
     lm = load_model()
     methods = [(spec, get_method(spec)) for spec in args.methods.split(";")]
     keeps = [float(k) for k in args.keeps.split(",")]
-    allocs = ["uniform", "pilot"] if args.pilot else ["uniform"]
+    allocs = ["uniform", "pilot"] + (["pilot-unshared"] if args.unshared else []) if args.pilot else ["uniform"]
     surprisal = any(m.needs_surprisal for _, m in methods)  # then also timed: a capture with token surprisal
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
@@ -58,7 +63,11 @@ def main() -> None:
             for label, method in methods:
                 for keep in keeps:
                     for alloc in allocs:
-                        _, t = timed(lambda: compress_document(lm, ids, kv, method, keep, allocate=alloc, seed=0))
+                        if alloc == "pilot-unshared":
+                            _, t = timed(lambda: unshared_pilot(lm, kv, method, keep))
+                        else:
+                            _, t = timed(lambda: compress_document(lm, ids, kv, method, keep, allocate=alloc,
+                                                                   seed=0))
                         times.setdefault(f"{label}|{keep:g}|{alloc}", []).append(t)
         med = {k: statistics.median(v) for k, v in times.items()}
         capture = {label: med["capture_surprisal" if m.needs_surprisal else "capture"] for label, m in methods}
@@ -69,6 +78,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     write_results(args.out, args.name, environment(lm) | {"methods": [m.to_dict() for _, m in methods],
                                                          "rows": rows}, render)
+
+
+def unshared_pilot(lm, kv, method, keep: float):
+    """compress_document's pilot path with a bare function for ``compress_at``: the pilot then scores
+    its selection and samples its reference queries on its own, as before they were shared."""
+    ctx = CompressionContext(model=lm, seed=0, keep=keep)
+    prepared = method.prepare(kv, ctx)
+    budget, _ = allocate(kv, method, keep, ctx, compress_at=lambda b: prepared(b))
+    return prepared(budget)
 
 
 def render(r: dict) -> str:

@@ -75,21 +75,27 @@ def allocate(kv: KV, method: Compressor, keep: float, ctx: CompressionContext, f
              compress_at: Callable[[Budget], CompressedKV] | None = None) -> tuple[Budget, Allocation]:
     """A budget with per-head counts from a pilot run at ``keep``; the same total as uniform.
 
-    compress_at: ``method.prepare(kv, ctx)`` when the caller has it; a pilot that is the method
-    itself then reuses its scores instead of scoring the document again.
+    compress_at: ``method.prepare(kv, ctx)`` when the caller has it; the pilot then reuses what it
+    shares (a :class:`~kvforge.methods.base.Prepared`'s pilot and reference queries, or the method's
+    own scores when the pilot is the method) instead of scoring the document again.
     """
     L, H, T, _ = kv.shape
     pilot = method.selector(refit=True) if hasattr(method, "selector") else method
     uniform = Budget.uniform_heads(keep, L, H, T)
-    if pilot is method and compress_at is not None:
+    shared_pilot = getattr(compress_at, "pilot", None)
+    if shared_pilot is not None:
+        compressed = shared_pilot(uniform)
+    elif pilot is method and compress_at is not None:
         compressed = compress_at(uniform)
     else:
         compressed = pilot.compress(kv, uniform, ctx)
-    ref = reference(kv, hf_model(ctx), getattr(method, "samples", 256),
-                    getattr(method, "position", "end"), ctx.seed)
+    ref = getattr(compress_at, "reference", None)
+    if ref is None:  # the same sample the fitting methods draw: samples, position and seed
+        ref = reference(kv, hf_model(ctx), getattr(method, "samples", 256),
+                        getattr(method, "position", "end"), ctx.seed)
     difficulty = head_errors(kv, compressed, ref)
     k0 = int(uniform.head_totals[0][0])
-    protected = getattr(method, "sink", 0) + getattr(method, "recent", 0)
+    protected = getattr(pilot, "sink", 0) + getattr(pilot, "recent", 0)  # sculpt: its selection's
     floor = max(1, protected, k0 // 4) if floor is None else floor
     counts = redistribute(difficulty * k0, k0 * L * H, min(floor, T), T)
     budget = Budget(keep=keep, head_totals=counts.tolist())

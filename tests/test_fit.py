@@ -337,3 +337,21 @@ def test_select_fit_and_sculpt_keep_a_surprising_span_with_the_prior():
         get_method("select_fit", surprisal=-1)
     with pytest.raises(ConfigError):
         get_method("sculpt", surprisal=-0.5)
+
+
+@pytest.mark.parametrize("spec", ["select_fit:samples=64:position=own",
+                                  "sculpt:samples=64:position=own:steps=2:surprisal=0"])
+def test_pilot_shares_the_prepared_selection_and_reference_with_the_same_result(spec, monkeypatch):
+    from kvforge.methods import fit
+
+    kv = structured_kv(L=3, H=2, T=64)
+    kv.values[1, 0] *= 10
+    method = get_method(spec)
+    alone, _ = allocate(kv, method, 0.25, CTX)  # the pilot compresses and samples its reference on its own
+    prepared = method.prepare(kv, CTX)
+    assert prepared.reference is not None
+    drawn = []
+    monkeypatch.setattr("kvforge.budget.reference", lambda *a, **k: drawn.append(a) or fit.reference(*a, **k))
+    shared, _ = allocate(kv, method, 0.25, CTX, compress_at=prepared)
+    assert shared.head_totals == alone.head_totals and drawn == []  # no second reference sample
+    assert torch.equal(prepared(shared).lengths.long(), torch.tensor(shared.head_totals))

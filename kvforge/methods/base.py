@@ -81,6 +81,25 @@ class CompressionContext:
     keep: float = 1.0
 
 
+@dataclass
+class Prepared:
+    """What :meth:`Compressor.prepare` may return: ``budget -> CompressedKV`` for one prefill, and what a
+    pilot allocation can share instead of computing again.
+
+    pilot:     ``budget -> CompressedKV``, the pilot's compression on this prefill (None: the pilot
+               method compresses on its own, or it is the method itself and calls this object)
+    reference: the reference queries the method fits to (:class:`kvforge.methods.fit.Reference`), whose
+               full-cache targets the pilot's difficulty measurement then reuses
+    """
+
+    compress: Callable[[Budget], CompressedKV]
+    pilot: Callable[[Budget], CompressedKV] | None = None
+    reference: object | None = None
+
+    def __call__(self, budget: Budget) -> CompressedKV:
+        return self.compress(budget)
+
+
 _REGISTRY: dict[str, type["Compressor"]] = {}
 
 
@@ -137,7 +156,8 @@ class Compressor:
         """A function budget -> compressed KV for one prefill, sharing the work budgets have in common.
 
         Calibration calls it for several candidate keeps; methods that score once
-        (:class:`ScoredCompressor`) only repeat the selection.
+        (:class:`ScoredCompressor`) only repeat the selection. A method may return a
+        :class:`Prepared` to share its pilot and reference queries with a pilot allocation too.
         """
         return lambda budget: self.compress(kv, budget, dataclasses.replace(ctx, keep=budget.keep))
 

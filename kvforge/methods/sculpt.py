@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..prefill import KV
 from ..ragged import CompressedKV
-from .base import Budget, CompressionContext, Compressor, get_method, register
+from .base import Budget, CompressionContext, Compressor, Prepared, get_method, register
 from .fit import Reference, attend, fit_values, hf_model, reference
 from .select_fit import SelectFit, refit_values
 
@@ -85,15 +84,21 @@ class Sculpt(Compressor):
         return SelectFit(refit=refit, position=self.position, blend=self.blend, surprisal=self.surprisal,
                          samples=self.samples, ridge=self.ridge)
 
-    def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
+    def prepare(self, kv: KV, ctx: CompressionContext) -> Prepared:
         select_at = self.selector().prepare(kv, ctx)
-        ref = reference(kv, hf_model(ctx), self.samples, self.position, ctx.seed)
+        ref = getattr(select_at, "reference", None)  # select_fit's: the same samples, position and seed
+        if ref is None:
+            ref = reference(kv, hf_model(ctx), self.samples, self.position, ctx.seed)
+
+        def start_at(budget: Budget) -> CompressedKV:  # the selection, values refitted by least squares
+            return refit_values(kv, select_at(budget), ref, self.ridge)
 
         def compress_at(budget: Budget) -> CompressedKV:
-            start = refit_values(kv, select_at(budget), ref, self.ridge)
-            return self.optimize(kv, start, ref, ctx.seed)
+            return self.optimize(kv, start_at(budget), ref, ctx.seed)
 
-        return compress_at
+        # the pilot (budget.allocate) is the selection sculpt starts from: select_fit's with its value refit
+        # (this start), or the compactor's as it is
+        return Prepared(compress_at, pilot=start_at if self.init == "select_fit" else select_at, reference=ref)
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
         return self.prepare(kv, dataclasses.replace(ctx, keep=budget.keep))(budget)

@@ -30,7 +30,7 @@ import torch
 
 from ..prefill import KV
 from ..ragged import CompressedKV
-from .base import Budget, CompressionContext, ScoredCompressor, gather, register
+from .base import Budget, CompressionContext, Prepared, ScoredCompressor, gather, register
 from .fit import Reference, fit_values, hf_model, reference
 
 
@@ -114,7 +114,7 @@ class SelectFit(ScoredCompressor):
         compactor = Compactor().scorer(kv, ctx)  # z-scored blend per keep; protected tokens +inf
         return lambda keep: base + self.blend * compactor(keep)
 
-    def prepare(self, kv: KV, ctx: CompressionContext) -> Callable[[Budget], CompressedKV]:
+    def prepare(self, kv: KV, ctx: CompressionContext) -> Prepared:
         ref = self.reference(kv, ctx)
         scorer = self.scorer(kv, ctx)
 
@@ -122,7 +122,7 @@ class SelectFit(ScoredCompressor):
             out = gather(kv, self.select(scorer(budget.keep), budget))
             return refit_values(kv, out, ref, self.ridge) if self.refit else out
 
-        return compress_at
+        return Prepared(compress_at, reference=ref)  # the pilot is this method: it calls compress_at
 
 
 def surprisal_prior(kv: KV, window: int) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Where continuation KL comes from: which tokens of the continuation, which layers of the cache.
+
+For each generated task (the eval's generator, so the same documents as ``kvforge eval``), one
+prefill, then per method spec: the compressed cache's KL against the full cache on the 64 tokens
+of real text that followed the document (the eval's continuation KL), split two ways:
+
+* **tokens**: the share of the summed KL carried by the ``--top`` worst continuation tokens, with
+  what they are (a token the model copies from the document, a heading's underline...);
+* **layers**: the same KL with only one group of ``--group`` consecutive layers compressed and
+  every other layer left full, which says where in depth the loss enters.
+
+    .venv/bin/python benchmarks/bench_continuation.py --out benchmarks/results
+
+Method specs as ``kvforge eval --methods`` (``name:key=value``, ``+pilot`` for pilot allocation).
+Writes continuation.json and continuation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from common import environment, write_results
+from kvforge.builder import compress_document
+from kvforge.eval.runner import CONTINUATION_TOKENS
+from kvforge.eval.tasks import generate
+from kvforge.methods import get_method
+from kvforge.methods.base import keep_all
+from kvforge.model import load_model
+from kvforge.prefill import prefill
+from kvforge.ragged import CompressedKV
+from kvforge.runtime import Doc
+
+
+def token_kl(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """KL(ref || got) per row of two (tokens, vocab) logit tensors: (tokens,)."""
+    p, q = torch.log_softmax(ref.float(), dim=-1), torch.log_softmax(got.float(), dim=-1)
+    return (p.exp() * (p - q)).sum(dim=-1).clamp_min(0)
+
+
+def only_layers(compressed: CompressedKV, full: CompressedKV, layers: range) -> CompressedKV:
+    """``compressed`` in ``layers`` and ``full`` everywhere else (beta zero there)."""
+    pick = [layer in layers for layer in range(len(full.keys))]
+    choose = lambda c, f: [a if p else b for p, a, b in zip(pick, c, f)]  # noqa: E731
+    beta = None
+    if compressed.beta is not None:
+        beta = choose(compressed.beta, [torch.zeros(len(k)) for k in full.keys])
+    lengths = torch.where(torch.tensor(pick)[:, None], compressed.lengths, full.lengths)
+    return dataclasses.replace(compressed, lengths=lengths, keys=choose(compressed.keys, full.keys),
+                               values=choose(compressed.values, full.values),
+                               positions=choose(compressed.positions, full.positions), beta=beta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--methods", default="select_fit;sculpt:surprisal=0;sculpt", help="specs separated by ';'")
+    ap.add_argument("--keep", type=float, default=0.3)
+    ap.add_argument("--tasks", default="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue")
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group", type=int, default=5, help="layers per group in the depth split")
+    ap.add_argument("--top", type=int, default=3, help="worst tokens listed per document")
+    ap.add_argument("--name", default="continuation")
+    args = ap.parse_args()
+    lm = load_model()
+    specs = args.methods.split(";")
+    methods = {s: get_method(s.removesuffix("+pilot")) for s in specs}
+    tasks = generate(lm.tokenizer, args.tasks.split(","), [args.length], args.samples, args.seed)
+    pre_rope = any(m.needs_pre_rope_keys for m in methods.values())
+    surprisal = any(m.needs_surprisal for m in methods.values())
+    rows = []
+    for task in tasks:
+        ids = lm.encode_document(task.context)
+        kv = prefill(lm.model, ids, queries=True, pre_rope_keys=pre_rope, surprisal=surprisal)
+        full_kv = keep_all(kv)
+        cont = lm.tokenizer(task.continuation, add_special_tokens=False)["input_ids"][:CONTINUATION_TOKENS]
+        ref = Doc.from_kv(lm, full_kv, len(ids), {}).continuation_logits(cont)
+        L = len(full_kv.keys)
+        groups = [range(a, min(a + args.group, L)) for a in range(0, L, args.group)]
+        for spec in specs:
+            _, ckv, _ = compress_document(lm, ids, kv, methods[spec], args.keep,
+                                          allocate="pilot" if spec.endswith("+pilot") else "uniform", seed=args.seed)
+            kl = token_kl(ref, Doc.from_kv(lm, ckv, len(ids), {}).continuation_logits(cont))
+            worst = torch.topk(kl, min(args.top, len(kl)))
+            by_group = [float(token_kl(ref, Doc.from_kv(lm, only_layers(ckv, full_kv, g), len(ids), {})
+                                       .continuation_logits(cont)).mean()) for g in groups]
+            row = {"task": task.id, "method": spec, "keep": args.keep, "kl_cont": float(kl.mean()),
+                   "top_share": float(worst.values.sum() / kl.sum().clamp_min(1e-12)),
+                   "worst": [{"kl": float(v), "context": lm.tokenizer.decode(cont[max(0, int(i) - 4):int(i) + 1]),
+                              "next": lm.tokenizer.decode(cont[int(i) + 1:int(i) + 2])}
+                             for v, i in zip(worst.values, worst.indices)],
+                   "groups": [f"{g.start}-{g.stop - 1}" for g in groups], "kl_only_group": by_group}
+            rows.append(row)
+            print(f"{task.id} {spec}: KL {row['kl_cont']:.4f}, worst {args.top} tokens {row['top_share']:.0%}, "
+                  f"by group {[round(x, 4) for x in by_group]}", flush=True)
+    write_results(args.out, args.name, environment(lm) | {"args": vars(args), "rows": rows}, render)
+
+
+def render(r: dict) -> str:
+    a = r["args"]
+    rows = r["rows"]
+    specs = list(dict.fromkeys(x["method"] for x in rows))
+    groups = rows[0]["groups"] if rows else []
+    lines = [f"Machine: {r['machine']}; torch {r['torch']}; model {r['model']}; date {r['date']}. "
+             f"Keep {a['keep']}, {len({x['task'] for x in rows})} documents of {a['length']} tokens "
+             f"(seed {a['seed']}); continuation KL: mean over the 64 tokens after the document, then over "
+             "documents; 'only layers' columns: that group compressed, every other layer full.", "",
+             f"| method | continuation KL | worst {a['top']} tokens' share | "
+             + " | ".join(f"only layers {g}" for g in groups) + " |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in groups) + " |"]
+    for s in specs:
+        mine = [x for x in rows if x["method"] == s]
+        mean = lambda f: sum(f(x) for x in mine) / len(mine)  # noqa: E731
+        lines.append(f"| {s} | {mean(lambda x: x['kl_cont']):.4f} | {mean(lambda x: x['top_share']):.0%} | "
+                     + " | ".join(f"{mean(lambda x, i=i: x['kl_only_group'][i]):.4f}" for i in range(len(groups)))
+                     + " |")
+    lines += ["", "Worst continuation tokens (KL: the text before it → the next token):", ""]
+    for x in rows:
+        worst = "; ".join(f"{w['kl']:.2f} {w['context']!r} → {w['next']!r}" for w in x["worst"])
+        lines.append(f"- {x['task']}, {x['method']}: {worst}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -50,17 +50,7 @@ _BANK: dict[str, torch.Tensor] = {}  # "q": (L, Hq, P, D) captured queries, "pos
 
 def reference_from_bank(kv: KV, model=None, samples: int = 256, position: str = "end", seed: int = 0):
     """``fit.reference`` over the query bank: a seeded sample, each rotated from its position to T."""
-    q_all, pos_all = _BANK["q"], _BANK["pos"]
-    T, P = kv.shape[2], q_all.shape[2]
-    n = min(samples, P)
-    idx = torch.sort(torch.randperm(P, generator=torch.Generator().manual_seed(seed))[:n]).values
-    q, pos = q_all[:, :, idx].float(), pos_all[idx]
-    cos, sin = model.model.rotary_emb(q[0, :1], (T - pos).unsqueeze(0))  # (1, n, D)
-    q = q * cos.float() + fit._rotate_half(q) * sin.float()
-    L, Hq, _, D = q.shape
-    H = kv.shape[1]
-    return fit.Reference(queries=[q[layer].reshape(H, Hq // H * n, D).contiguous() for layer in range(L)],
-                         scale=fit._attention_scale(model, D))
+    return fit.sample_reference(_BANK["q"], _BANK["pos"], kv.shape[2], kv.shape[1], model, samples, position, seed)
 
 
 def main() -> None:

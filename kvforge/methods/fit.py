@@ -98,22 +98,33 @@ def reference(kv: KV, model=None, samples: int = 256, position: str = "end", see
     """
     if kv.queries is None:
         raise ValueError("reference queries need the prefill's queries (needs_queries = True)")
-    L, Hq, T, D = kv.queries.shape
-    H = kv.shape[1]
-    group = Hq // H
+    T = kv.queries.shape[2]
+    return sample_reference(kv.queries, torch.arange(T), T, kv.shape[1], model, samples, position, seed)
+
+
+@torch.no_grad()
+def sample_reference(queries: torch.Tensor, positions: torch.Tensor, T: int, kv_heads: int, model=None,
+                     samples: int = 256, position: str = "end", seed: int = 0) -> Reference:
+    """:func:`reference` over any bank of captured queries: (L, Hq, P, D) post-RoPE, each at its
+    ``positions`` (P,), for a document of ``T`` tokens with ``kv_heads`` KV heads.
+
+    A seeded sample of ``samples`` of the P columns, each rotated from its position to ``T``.
+    """
+    L, Hq, P, D = queries.shape
+    group = Hq // kv_heads
     g = torch.Generator().manual_seed(seed)
-    n = min(samples, T)
-    pos = torch.sort(torch.randperm(T, generator=g)[:n]).values  # (n,)
-    q = kv.queries[:, :, pos].float()  # (L, Hq, n, D)
+    n = min(samples, P)
+    idx = torch.sort(torch.randperm(P, generator=g)[:n]).values  # (n,)
+    q = queries[:, :, idx].float()  # (L, Hq, n, D)
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None) if model is not None else None
     if position == "end" and rotary is not None:
-        shift = (T - pos).unsqueeze(0)  # (1, n): rotate each query from its position to T
+        shift = (T - positions[idx]).unsqueeze(0)  # (1, n): rotate each query from its position to T
         cos, sin = rotary(q[0, :1], shift)  # (1, n, D)
         q = q * cos.float() + _rotate_half(q) * sin.float()
     elif position not in ("end", "own"):
         raise ValueError(f"position must be 'end' or 'own', got {position!r}")
     # (L, Hq, n, D) -> per layer (H, group * n, D): a KV head's reference is its query heads' queries
-    per_layer = [q[l].reshape(H, group * n, D).contiguous() for l in range(L)]
+    per_layer = [q[l].reshape(kv_heads, group * n, D).contiguous() for l in range(L)]
     return Reference(queries=per_layer, scale=_attention_scale(model, D) if model is not None else D ** -0.5)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from common import environment, write_results
 from kvforge.builder import compress_document
+from kvforge.calibrate import kl_per_row
 from kvforge.eval.runner import CONTINUATION_TOKENS
 from kvforge.eval.tasks import generate
 from kvforge.methods import get_method
@@ -32,12 +33,6 @@ from kvforge.model import load_model
 from kvforge.prefill import prefill
 from kvforge.ragged import CompressedKV
 from kvforge.runtime import Doc
-
-
-def token_kl(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    """KL(ref || got) per row of two (tokens, vocab) logit tensors: (tokens,)."""
-    p, q = torch.log_softmax(ref.float(), dim=-1), torch.log_softmax(got.float(), dim=-1)
-    return (p.exp() * (p - q)).sum(dim=-1).clamp_min(0)
 
 
 def only_layers(compressed: CompressedKV, full: CompressedKV, layers: range) -> CompressedKV:
@@ -84,9 +79,9 @@ def main() -> None:
         for spec in specs:
             _, ckv, _ = compress_document(lm, ids, kv, methods[spec], args.keep,
                                           allocate="pilot" if spec.endswith("+pilot") else "uniform", seed=args.seed)
-            kl = token_kl(ref, Doc.from_kv(lm, ckv, len(ids), {}).continuation_logits(cont))
+            kl = kl_per_row(ref, Doc.from_kv(lm, ckv, len(ids), {}).continuation_logits(cont))
             worst = torch.topk(kl, min(args.top, len(kl)))
-            by_group = [float(token_kl(ref, Doc.from_kv(lm, only_layers(ckv, full_kv, g), len(ids), {})
+            by_group = [float(kl_per_row(ref, Doc.from_kv(lm, only_layers(ckv, full_kv, g), len(ids), {})
                                        .continuation_logits(cont)).mean()) for g in groups]
             row = {"task": task.id, "method": spec, "keep": args.keep, "kl_cont": float(kl.mean()),
                    "top_share": float(worst.values.sum() / kl.sum().clamp_min(1e-12)),

@@ -142,11 +142,16 @@ def _probe_logits(doc: Doc, probes) -> torch.Tensor:
     return torch.cat([doc.continuation_logits(q + a, rows=answer_rows(q, a)) for q, a in probes])
 
 
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """Mean over rows of KL(p || q), both given as logits (rows, vocab). Also what ``kvforge eval`` reports."""
+def kl_per_row(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of every row, both given as logits (rows, vocab): (rows,) float32, clamped at 0."""
     p = torch.log_softmax(p_logits.float(), dim=-1)
     q = torch.log_softmax(q_logits.float(), dim=-1)
-    return float((p.exp() * (p - q)).sum(dim=-1).clamp_min(0).mean())
+    return (p.exp() * (p - q)).sum(dim=-1).clamp_min(0)
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(p || q), both given as logits (rows, vocab). Also what ``kvforge eval`` reports."""
+    return float(kl_per_row(p_logits, q_logits).mean())
 
 
 def _compare(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:

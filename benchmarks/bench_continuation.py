@@ -9,6 +9,13 @@ of real text that followed the document (the eval's continuation KL), split two 
 * **layers**: the same KL with only one group of ``--group`` consecutive layers compressed and
   every other layer left full, which says where in depth the loss enters.
 
+Two **oracle** specs bound what a better selection could give: ``oracle:mean`` and ``oracle:max``
+keep, per head at the same uniform count, the entries the continuation's own queries attend to most
+(mean or max attention over its 64 tokens, captured from a full-cache prefill of document +
+continuation), then refit values on the document's reference queries as select_fit does. No build
+can know the continuation; if even this selection is no better than select_fit's, no ranking of
+the document's entries is what a lower continuation KL needs.
+
     .venv/bin/python benchmarks/bench_continuation.py --out benchmarks/results
 
 Method specs as ``kvforge eval --methods`` (``name:key=value``, ``+pilot`` for pilot allocation).
@@ -29,6 +36,8 @@ from kvforge.eval.runner import CONTINUATION_TOKENS
 from kvforge.eval.tasks import generate
 from kvforge.methods import get_method
 from kvforge.methods.base import keep_all
+from kvforge.methods.fit import Reference, sample_reference
+from kvforge.methods.select_fit import SelectFit
 from kvforge.model import load_model
 from kvforge.prefill import prefill
 from kvforge.ragged import CompressedKV
@@ -48,10 +57,41 @@ def only_layers(compressed: CompressedKV, full: CompressedKV, layers: range) -> 
                                positions=choose(compressed.positions, full.positions), beta=beta)
 
 
+@dataclasses.dataclass
+class ContinuationOracle(SelectFit):
+    """select_fit with its ranking taken from the continuation's queries (``pool``: mean or max attention)."""
+
+    pool: str = "mean"
+    oracle: Reference | None = None  # the continuation's queries at their own positions, (H, group * C, D)
+
+    def score(self, kv, ctx) -> torch.Tensor:
+        L, H, T, _ = kv.shape
+        out = torch.zeros(L, H, T)
+        for layer in range(L):
+            q = self.oracle.queries[layer]
+            probs = torch.softmax(torch.einsum("hmd,hnd->hmn", q, kv.keys[layer].float()) * self.oracle.scale, -1)
+            out[layer] = probs.mean(1) if self.pool == "mean" else probs.amax(1)  # (H, T)
+        return out
+
+
+def oracle_reference(lm, ids: list[int], cont: list[int], kv_heads: int) -> Reference:
+    """The continuation's post-RoPE queries from a full-cache prefill of document + continuation."""
+    T, C = len(ids), len(cont)
+    queries = prefill(lm.model, ids + cont, queries=True).queries[:, :, T:]  # (L, Hq, C, D)
+    return sample_reference(queries, torch.arange(T, T + C), T, kv_heads, lm.model, samples=C, position="own")
+
+
+def make(spec: str):
+    name = spec.removesuffix("+pilot")
+    if name.startswith("oracle:"):
+        return ContinuationOracle(pool=name.split(":", 1)[1])
+    return get_method(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--methods", default="select_fit;sculpt:surprisal=0;sculpt", help="specs separated by ';'")
+    ap.add_argument("--methods", default="select_fit;sculpt:surprisal=0;sculpt", help="specs separated by ';' (also oracle:mean and oracle:max, above)")
     ap.add_argument("--keep", type=float, default=0.3)
     ap.add_argument("--tasks", default="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue")
     ap.add_argument("--length", type=int, default=2048)
@@ -63,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model()
     specs = args.methods.split(";")
-    methods = {s: get_method(s.removesuffix("+pilot")) for s in specs}
+    methods = {s: make(s) for s in specs}
     tasks = generate(lm.tokenizer, args.tasks.split(","), [args.length], args.samples, args.seed)
     pre_rope = any(m.needs_pre_rope_keys for m in methods.values())
     surprisal = any(m.needs_surprisal for m in methods.values())
@@ -74,6 +114,11 @@ def main() -> None:
         full_kv = keep_all(kv)
         cont = lm.tokenizer(task.continuation, add_special_tokens=False)["input_ids"][:CONTINUATION_TOKENS]
         ref = Doc.from_kv(lm, full_kv, len(ids), {}).continuation_logits(cont)
+        if any(isinstance(m, ContinuationOracle) for m in methods.values()):
+            oracle = oracle_reference(lm, ids, cont, kv.shape[1])
+            for m in methods.values():
+                if isinstance(m, ContinuationOracle):
+                    m.oracle = oracle
         L = len(full_kv.keys)
         groups = [range(a, min(a + args.group, L)) for a in range(0, L, args.group)]
         for spec in specs:

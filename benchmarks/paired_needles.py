@@ -1,0 +1,67 @@
+"""Two configurations' needle answers, document by document, over saved ``kvforge eval`` runs.
+
+Accuracy counts alone hide which documents each side answers; on a few dozen documents a gap of
+a few answers can be noise. This pairs the rows of two configurations (``method@keep``; a method
+matches by prefix, so ``sculpt`` also finds ``sculpt:surprisal=1+pilot``) on the same tasks and
+reports the documents only one of them answers, with an exact two-sided sign test on those.
+
+    .venv/bin/python benchmarks/paired_needles.py --a sculpt@0.1 --b kvpress:KVzipPress@0.25 \\
+        benchmarks/results/eval-surprisal benchmarks/results/eval-surprisal-seed2 benchmarks/results/eval-surprisal-seed3
+
+Reads each run's rows.jsonl; needs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def scores(rows: list[dict], spec: str) -> dict[str, float]:
+    """task -> score of the rows matching ``method@keep`` (method by prefix); one match per task."""
+    method, keep = spec.rsplit("@", 1)
+    out: dict[str, float] = {}
+    for r in rows:
+        if r["method"].startswith(method) and r["keep"] == float(keep):
+            if r["task"] in out:
+                raise SystemExit(f"{spec!r} matches two rows of task {r['task']}: name the method in full")
+            out[r["task"]] = float(r["score"])
+    return out
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test of ``wins`` against ``losses`` (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="kvforge eval output directories")
+    ap.add_argument("--a", required=True, help="method@keep")
+    ap.add_argument("--b", required=True, help="method@keep")
+    args = ap.parse_args()
+    pairs = []
+    for run in args.runs:
+        rows = [json.loads(line) for line in (Path(run) / "rows.jsonl").read_text().splitlines() if line.strip()]
+        a, b = scores(rows, args.a), scores(rows, args.b)
+        if not a or not b:
+            raise SystemExit(f"{run}: no rows for {args.a if not a else args.b}")
+        pairs += [(a[t], b[t], t) for t in sorted(a.keys() & b.keys())]
+    only_a = [t for x, y, t in pairs if x > y]
+    only_b = [t for x, y, t in pairs if y > x]
+    print(f"{len(pairs)} documents: {args.a} answers {sum(x for x, _, _ in pairs):.0f}, "
+          f"{args.b} answers {sum(y for _, y, _ in pairs):.0f}")
+    print(f"only {args.a}: {len(only_a)} {only_a}")
+    print(f"only {args.b}: {len(only_b)} {only_b}")
+    print(f"exact two-sided sign test on the {len(only_a) + len(only_b)} that differ: "
+          f"p = {sign_test(len(only_a), len(only_b)):.2f}")
+
+
+if __name__ == "__main__":
+    main()

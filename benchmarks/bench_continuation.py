@@ -64,7 +64,13 @@ class ContinuationOracle(SelectFit):
     pool: str = "mean"
     oracle: Reference | None = None  # the continuation's queries at their own positions, (H, group * C, D)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool not in ("mean", "max"):
+            raise SystemExit(f"oracle:{self.pool}: the oracle pools by mean or max")
+
     def score(self, kv, ctx) -> torch.Tensor:
+        """(L, H, T): each entry's mean (or max) attention from the continuation's queries, softmax over the document."""
         L, H, T, _ = kv.shape
         out = torch.zeros(L, H, T)
         for layer in range(L):

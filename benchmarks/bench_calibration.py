@@ -19,7 +19,7 @@ Every document is prefilled and scored once (compactor); then
 * ``--keep auto`` at several tolerances: the chosen keeps, their mean, accuracy, KL;
 * for each tolerance, one fixed keep equal to its mean keep: the like-for-like comparison.
 
-    .venv/bin/python benchmarks/bench_calibration.py --out benchmarks/results
+    .venv/bin/python benchmarks/bench_calibration.py --out bench-out
 
 Writes calibration.json and calibration.md (the table for BENCHMARKS.md).
 """
@@ -139,7 +139,7 @@ def correct(answer: str, expected: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--tolerances", default="0.05,0.1,0.2,0.4")
     ap.add_argument("--grid", default="0.1,0.2,0.3,0.4,0.5,0.75")
     ap.add_argument("--max-new-tokens", type=int, default=24)

@@ -4,7 +4,7 @@ Side by side in one run, interleaved, on real text (Python's language reference)
 plain prefill, prefill capturing queries and pre-RoPE keys, compactor scoring +
 selection at keep 0.5, and ``--keep auto`` calibration (tolerance 0.1).
 
-    .venv/bin/python benchmarks/bench_compactor.py --out benchmarks/results
+    .venv/bin/python benchmarks/bench_compactor.py --out bench-out
 
 Writes compactor_cost.json and compactor_cost.md.
 """
@@ -39,7 +39,7 @@ def timed(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -16,7 +16,7 @@ continuation), then refit values on the document's reference queries as select_f
 can know the continuation; if even this selection is no better than select_fit's, no ranking of
 the document's entries is what a lower continuation KL needs.
 
-    .venv/bin/python benchmarks/bench_continuation.py --out benchmarks/results
+    .venv/bin/python benchmarks/bench_continuation.py --out bench-out
 
 Method specs as ``kvforge eval --methods`` (``name:key=value``, ``+pilot`` for pilot allocation).
 Writes continuation.json and continuation.md.
@@ -96,7 +96,7 @@ def make(spec: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--methods", default="select_fit;sculpt:surprisal=0;sculpt",
                     help="specs separated by ';' (also oracle:mean and oracle:max, above)")
     ap.add_argument("--keep", type=float, default=0.3)

@@ -7,7 +7,7 @@ method specs; each at the given keeps with uniform allocation, and with
 ``--pilot`` also with pilot allocation (and ``--unshared`` with the pilot scoring and sampling
 on its own, to time what sharing them saves). Medians of ``--repeats``.
 
-    .venv/bin/python benchmarks/bench_fit_cost.py --out benchmarks/results
+    .venv/bin/python benchmarks/bench_fit_cost.py --out bench-out
 
 A method spec is a name or ``name:key=value:key=value`` (method options as in
 the artifact's config; the specs of ``kvforge build --method``). Writes
@@ -31,7 +31,7 @@ from kvforge.methods import CompressionContext, get_method
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--lengths", default="512,1024,2048,4096")
     ap.add_argument("--methods", default="select_fit;sculpt", help="method specs separated by ';'")
     ap.add_argument("--keeps", default="0.5,0.1")

@@ -1,7 +1,7 @@
 """Foundation benchmarks: time to first token from an artifact vs. prefilling the text,
 artifact bytes per token, and cold `kvforge query` start. Measured side by side in one run.
 
-    .venv/bin/python benchmarks/bench_foundation.py --out benchmarks/results
+    .venv/bin/python benchmarks/bench_foundation.py --out bench-out
 
 Writes foundation.json (raw numbers) and foundation.md (the table for BENCHMARKS.md).
 """
@@ -52,7 +52,7 @@ def median(xs):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--lengths", default="512,2048,4096")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()

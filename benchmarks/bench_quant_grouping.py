@@ -6,7 +6,7 @@ shipped scheme (values symmetric per token, float16 key scales), keys per token,
 values per channel. Only the shipped scheme is in kvforge.quantize; the others are
 written here, as the measurement that decided against them.
 
-    python benchmarks/bench_quant_grouping.py --out benchmarks/results
+    python benchmarks/bench_quant_grouping.py --out bench-out
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ SCHEMES = ["kivi_asym", "shipped", "keys_per_token", "values_per_channel"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--keeps", default="0.25,0.1")
     args = ap.parse_args()
     lm = load_model(None)

@@ -7,7 +7,7 @@ captured query is first rotated by RoPE from its position t to the document's en
 (``position: own``: it then attends to "future" keys at negative distances). KL on
 question + answer tokens, question appended after compression.
 
-    python benchmarks/bench_reference.py --out benchmarks/results
+    python benchmarks/bench_reference.py --out bench-out
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ KINDS = ["niah_number", "niah_uuid", "niah_multikey", "niah_multivalue"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--keeps", default="0.5,0.25")
     args = ap.parse_args()
     lm = load_model(None)

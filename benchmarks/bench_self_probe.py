@@ -22,7 +22,7 @@ question + answer tokens against the full cache.
 The query source is swapped by replacing ``reference`` in the modules that
 import it (fit, select_fit, sculpt, budget): a measurement, not a feature.
 
-    .venv/bin/python benchmarks/bench_self_probe.py --out benchmarks/results   # about 8 minutes
+    .venv/bin/python benchmarks/bench_self_probe.py --out bench-out   # about 8 minutes
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def reference_from_bank(kv: KV, model=None, samples: int = 256, position: str = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--keep", type=float, default=0.1)
     ap.add_argument("--tasks", default="niah_number,niah_word,niah_uuid")
     ap.add_argument("--samples", type=int, default=3)

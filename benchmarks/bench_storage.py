@@ -14,7 +14,7 @@ readers, and answered from. Reported per (keep, quantization):
 * that the zarr twin gives the same logits as the ``.kv`` file (exact equality);
 * load time with and without the tensor-digest check (``verify=False``), per container.
 
-    python benchmarks/bench_storage.py --out benchmarks/results [--lengths 2048] [--samples 1]
+    python benchmarks/bench_storage.py --out bench-out [--lengths 2048] [--samples 1]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _load_time(fn, repeats: int = 5) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--lengths", default="2048")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--keeps", default="0.5,0.25,0.1")

@@ -34,14 +34,14 @@ from ..model import LoadedModel
 from ..prefill import prefill
 from ..ragged import CompressedKV
 from ..runtime import Doc
-from .tasks import CONTINUATION_TOKENS, DEFAULT_KINDS, generate
+from .tasks import CONTINUATION_TOKENS, KINDS, generate
 
 
 @dataclass
 class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["knorm", "compactor"])
     keeps: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
-    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     samples: int = 2
     seed: int = 0

@@ -130,7 +130,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                 answer = lm.tokenizer.decode(doc.answer_ids(task.question, cfg.max_new_tokens),
                                              skip_special_tokens=True)
                 row = {
-                    "task": task.id, "kind": task.kind, "target_length": int(task.id.split("-")[-3]),
+                    "task": task.id, "kind": task.kind, "target_length": task.target_length,
                     "length": T, "method": method, "keep": keep,
                     "allocate": "pilot" if method.endswith("+pilot") else "uniform",
                     "keep_achieved": ckv.kept / (ckv.lengths.numel() * T),

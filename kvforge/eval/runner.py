@@ -10,7 +10,9 @@ compression, at the logical position) and is compared with the full cache:
 * ``kl_qa``: mean KL(full || compressed) of the next-token distributions over the
   question and the full cache's answer tokens, teacher-forced
 * ``kl_cont``: the same over real text that followed the document in its source
-* ``bytes_per_token``: artifact bytes (float16 keys / values, int32 positions) per document token
+* ``bytes_per_token``: bytes of the tensors an artifact of a default build stores (float16 keys /
+  values, no quantization, int32 positions) per document token (the answers themselves come from the KV
+  in the model's dtype, not rounded to float16)
 * ``build_s_per_1k``: prefill + compression seconds per 1000 document tokens
 * ``ttft_s``: question prefill to first answer token, from the loaded cache
 
@@ -26,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from ..builder import compress_document
+from ..artifact import STORAGE_DTYPES, kv_to_tensors
+from ..builder import BuildConfig, compress_document
 from ..calibrate import DEFAULT_TOLERANCE, kl_divergence  # noqa: F401 (re-exported)
 from ..methods import Compressor, get_method
 from ..methods.base import keep_all
@@ -51,11 +54,12 @@ class EvalConfig:
     allocations: list[str] = field(default_factory=lambda: ["uniform"])  # "pilot": kvforge.budget per head
 
 
-def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:
-    """Bytes an artifact holds for this KV: keys and values in the storage dtype, int32 positions and lengths."""
-    d = kv.keys[0].shape[-1]
-    beta = 4 * kv.kept if kv.beta is not None else 0
-    return kv.kept * (2 * d * storage_bytes + 4) + beta + 4 * kv.lengths.numel()
+def stored_bytes(compressed: CompressedKV, dtype: str = BuildConfig.dtype,
+                 quantization: str = BuildConfig.quant) -> int:
+    """Bytes of the tensors an artifact stores for ``compressed`` (:func:`kvforge.artifact.kv_to_tensors`), in
+    the storage ``dtype`` and ``quantization``; the defaults are a default build's."""
+    tensors = kv_to_tensors(compressed, STORAGE_DTYPES[dtype], quantization)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _row_key(task_id: str, method: str, keep: float | str) -> str:

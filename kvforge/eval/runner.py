@@ -111,8 +111,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
             t0 = time.perf_counter()
             kv = prefill(lm.model, ids, queries=needs_q, pre_rope_keys=needs_pre, surprisal=needs_surprisal)
             prefill_s = time.perf_counter() - t0
-            full_kv = keep_all(kv)
-            full = Doc.from_kv(lm, full_kv, T, {"name": "full"})
+            all_kept = keep_all(kv)
+            full = Doc.from_kv(lm, all_kept, T, {"name": "full"})
             ref_answer = full.answer_ids(task.question, cfg.max_new_tokens) or [lm.tokenizer.eos_token_id or 0]
             ref_qa = full.logits(task.question, ref_answer, include_question=True)
             cont_ids = lm.tokenizer(task.continuation, add_special_tokens=False)["input_ids"][:CONTINUATION_TOKENS]
@@ -120,29 +120,31 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
             for method, keep in todo:
                 t1 = time.perf_counter()
                 if method == "full":
-                    ckv, build_s = full_kv, prefill_s
+                    compressed, build_s = all_kept, prefill_s
                 elif method.startswith("kvpress:"):
-                    ckv, build_s = kvpress_adapter.press_prefill(lm.model, ids, method.split(":", 1)[1], keep)
+                    press = method.removeprefix("kvpress:")
+                    compressed, build_s = kvpress_adapter.press_prefill(lm.model, ids, press, keep)
                 else:
                     name, _, alloc = method.partition("+")
-                    _, ckv, _ = compress_document(lm, ids, kv, compressors[name], keep, tolerance=cfg.tolerance,
-                                                  allocate=alloc or "uniform", seed=cfg.seed)
+                    _, compressed, _ = compress_document(lm, ids, kv, compressors[name], keep,
+                                                         tolerance=cfg.tolerance, allocate=alloc or "uniform",
+                                                         seed=cfg.seed)
                     build_s = prefill_s + time.perf_counter() - t1
                 if on_kv is not None:
-                    on_kv(task, method, keep, ckv)
-                doc = full if method == "full" else Doc.from_kv(lm, ckv, T, {"name": method})
+                    on_kv(task, method, keep, compressed)
+                doc = full if method == "full" else Doc.from_kv(lm, compressed, T, {"name": method})
                 answer = lm.tokenizer.decode(doc.answer_ids(task.question, cfg.max_new_tokens),
                                              skip_special_tokens=True)
                 row = {
                     "task": task.id, "kind": task.kind, "target_length": task.target_length,
                     "length": T, "method": method, "keep": keep,
                     "allocate": "pilot" if method.endswith("+pilot") else "uniform",
-                    "keep_achieved": ckv.kept / (ckv.lengths.numel() * T),
+                    "keep_achieved": compressed.kept / (compressed.lengths.numel() * T),
                     "score": task.score(answer),
                     "kl_qa": kl_divergence(ref_qa, doc.logits(task.question, ref_answer, include_question=True)),
                     "kl_cont": kl_divergence(ref_cont, doc.continuation_logits(cont_ids)) if ref_cont is not None
                     else None,
-                    "bytes_per_token": stored_bytes(ckv) / T,
+                    "bytes_per_token": stored_bytes(compressed) / T,
                     "build_s_per_1k": 1000 * build_s / T,
                     "ttft_s": doc.last.ttft_s,
                     "answer": answer, "expected": task.answers,

@@ -21,14 +21,6 @@ from ..ragged import CompressedKV
 PRESSES = ("CompactorPress", "KVzipPress", "SnapKVPress", "KnormPress", "ExpectedAttentionPress")
 
 
-def available() -> bool:
-    try:
-        import kvpress  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def make_press(name: str, keep: float):
     try:
         import kvpress

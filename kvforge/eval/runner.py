@@ -10,7 +10,9 @@ compression, at the logical position) and is compared with the full cache:
 * ``kl_qa``: mean KL(full || compressed) of the next-token distributions over the
   question and the full cache's answer tokens, teacher-forced
 * ``kl_cont``: the same over real text that followed the document in its source
-* ``bytes_per_token``: artifact bytes (float16 keys / values, int32 positions) per document token
+* ``bytes_per_token``: bytes of the tensors an artifact of a default build stores (float16 keys /
+  values, no quantization, int32 positions) per document token (the answers themselves come from the KV
+  in the model's dtype, not rounded to float16)
 * ``build_s_per_1k``: prefill + compression seconds per 1000 document tokens
 * ``ttft_s``: question prefill to first answer token, from the loaded cache
 
@@ -26,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from ..builder import compress_document
+from ..artifact import STORAGE_DTYPES, kv_to_tensors
+from ..builder import BuildConfig, compress_document
 from ..calibrate import DEFAULT_TOLERANCE, kl_divergence  # noqa: F401 (re-exported)
 from ..methods import Compressor, get_method
 from ..methods.base import keep_all
@@ -34,14 +37,14 @@ from ..model import LoadedModel
 from ..prefill import prefill
 from ..ragged import CompressedKV
 from ..runtime import Doc
-from .tasks import CONTINUATION_TOKENS, DEFAULT_KINDS, generate
+from .tasks import CONTINUATION_TOKENS, KINDS, generate
 
 
 @dataclass
 class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["knorm", "compactor"])
     keeps: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
-    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     samples: int = 2
     seed: int = 0
@@ -51,11 +54,12 @@ class EvalConfig:
     allocations: list[str] = field(default_factory=lambda: ["uniform"])  # "pilot": kvforge.budget per head
 
 
-def stored_bytes(kv: CompressedKV, storage_bytes: int = 2) -> int:
-    """Bytes an artifact holds for this KV: keys and values in the storage dtype, int32 positions and lengths."""
-    d = kv.keys[0].shape[-1]
-    beta = 4 * kv.kept if kv.beta is not None else 0
-    return kv.kept * (2 * d * storage_bytes + 4) + beta + 4 * kv.lengths.numel()
+def stored_bytes(compressed: CompressedKV, dtype: str = BuildConfig.dtype,
+                 quantization: str = BuildConfig.quant) -> int:
+    """Bytes of the tensors an artifact stores for ``compressed`` (:func:`kvforge.artifact.kv_to_tensors`), in
+    the storage ``dtype`` and ``quantization``; the defaults are a default build's."""
+    tensors = kv_to_tensors(compressed, STORAGE_DTYPES[dtype], quantization)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _row_key(task_id: str, method: str, keep: float | str) -> str:
@@ -107,8 +111,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
             t0 = time.perf_counter()
             kv = prefill(lm.model, ids, queries=needs_q, pre_rope_keys=needs_pre, surprisal=needs_surprisal)
             prefill_s = time.perf_counter() - t0
-            full_kv = keep_all(kv)
-            full = Doc.from_kv(lm, full_kv, T, {"name": "full"})
+            all_kept = keep_all(kv)
+            full = Doc.from_kv(lm, all_kept, T, {"name": "full"})
             ref_answer = full.answer_ids(task.question, cfg.max_new_tokens) or [lm.tokenizer.eos_token_id or 0]
             ref_qa = full.logits(task.question, ref_answer, include_question=True)
             cont_ids = lm.tokenizer(task.continuation, add_special_tokens=False)["input_ids"][:CONTINUATION_TOKENS]
@@ -116,29 +120,31 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
             for method, keep in todo:
                 t1 = time.perf_counter()
                 if method == "full":
-                    ckv, build_s = full_kv, prefill_s
+                    compressed, build_s = all_kept, prefill_s
                 elif method.startswith("kvpress:"):
-                    ckv, build_s = kvpress_adapter.press_prefill(lm.model, ids, method.split(":", 1)[1], keep)
+                    press = method.removeprefix("kvpress:")
+                    compressed, build_s = kvpress_adapter.press_prefill(lm.model, ids, press, keep)
                 else:
                     name, _, alloc = method.partition("+")
-                    _, ckv, _ = compress_document(lm, ids, kv, compressors[name], keep, tolerance=cfg.tolerance,
-                                                  allocate=alloc or "uniform", seed=cfg.seed)
+                    _, compressed, _ = compress_document(lm, ids, kv, compressors[name], keep,
+                                                         tolerance=cfg.tolerance, allocate=alloc or "uniform",
+                                                         seed=cfg.seed)
                     build_s = prefill_s + time.perf_counter() - t1
                 if on_kv is not None:
-                    on_kv(task, method, keep, ckv)
-                doc = full if method == "full" else Doc.from_kv(lm, ckv, T, {"name": method})
+                    on_kv(task, method, keep, compressed)
+                doc = full if method == "full" else Doc.from_kv(lm, compressed, T, {"name": method})
                 answer = lm.tokenizer.decode(doc.answer_ids(task.question, cfg.max_new_tokens),
                                              skip_special_tokens=True)
                 row = {
-                    "task": task.id, "kind": task.kind, "target_length": int(task.id.split("-")[-3]),
+                    "task": task.id, "kind": task.kind, "target_length": task.target_length,
                     "length": T, "method": method, "keep": keep,
                     "allocate": "pilot" if method.endswith("+pilot") else "uniform",
-                    "keep_achieved": ckv.kept / (ckv.lengths.numel() * T),
+                    "keep_achieved": compressed.kept / (compressed.lengths.numel() * T),
                     "score": task.score(answer),
                     "kl_qa": kl_divergence(ref_qa, doc.logits(task.question, ref_answer, include_question=True)),
                     "kl_cont": kl_divergence(ref_cont, doc.continuation_logits(cont_ids)) if ref_cont is not None
                     else None,
-                    "bytes_per_token": stored_bytes(ckv) / T,
+                    "bytes_per_token": stored_bytes(compressed) / T,
                     "build_s_per_1k": 1000 * build_s / T,
                     "ttft_s": doc.last.ttft_s,
                     "answer": answer, "expected": task.answers,

@@ -14,10 +14,9 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 
+# every kind make_task knows; an eval runs all of them unless told otherwise
 KINDS = ("niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
          "variable_tracking", "frequent_words")
-DEFAULT_KINDS = ("niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery",
-                 "variable_tracking", "frequent_words")
 
 _WORDS = ("apple banana cherry walnut falcon harbor meadow lantern pepper silver copper garnet violet "
           "thunder canyon glacier orchid saffron tiger zebra koala panda otter badger raven sparrow "
@@ -30,6 +29,7 @@ class Task:
 
     id: str
     kind: str
+    target_length: int  # the document length in tokens the task was generated for (the actual one is near it)
     context: str
     question: str
     answers: list[str]
@@ -115,48 +115,48 @@ def make_task(kind: str, tokenizer, n_tokens: int, seed: int, index: int) -> Tas
         counts = {w: words.count(w) for w in vocab}
         top = sorted(vocab, key=lambda w: -counts[w])[:3]
         context = "Here is a list of words: " + " ".join(words) + "."
-        return Task(tid, kind, context, "What are the three most frequently used words in the list above? "
-                    "Answer with the three words only.", top, continuation=" ".join(more))
+        return Task(tid, kind, n_tokens, context, "What are the three most frequently used words in the list "
+                    "above? Answer with the three words only.", top, continuation=" ".join(more))
     hay, cont = haystack(tokenizer, n_tokens - 60, rng)
-    task = _needle_task(kind, tid, hay, keys, rng)
-    task.continuation = cont
-    return task
+    context, question, answers, depths = _needles(kind, hay, keys, rng)
+    return Task(tid, kind, n_tokens, context, question, answers, depths, cont)
 
 
-def _needle_task(kind: str, tid: str, hay: str, keys: list[str], rng: random.Random) -> Task:
+def _needles(kind: str, hay: str, keys: list[str], rng: random.Random) -> tuple[str, str, list[str], list[float]]:
+    """(context, question, answers, depths) of a needle-in-a-haystack kind over ``hay``."""
     if kind in ("niah_number", "niah_word", "niah_uuid"):
         value = {"niah_number": _number, "niah_uuid": _uuid}.get(kind, lambda r: r.choice(
             [w for w in _WORDS if w not in keys]))(rng)
         depth = rng.uniform(0.05, 0.95)
-        return Task(tid, kind, insert(hay, [_needle(keys[0], value)], [depth]), _ask(keys[0]), [value], [depth])
+        return insert(hay, [_needle(keys[0], value)], [depth]), _ask(keys[0]), [value], [depth]
     if kind == "niah_multikey":
         values = [_number(rng) for _ in range(4)]
         depths = [rng.uniform(0.05, 0.95) for _ in range(4)]
-        return Task(tid, kind, insert(hay, [_needle(k, v) for k, v in zip(keys, values)], depths),
-                    _ask(keys[2]), [values[2]], [depths[2]])
+        return (insert(hay, [_needle(k, v) for k, v in zip(keys, values)], depths),
+                _ask(keys[2]), [values[2]], [depths[2]])
     if kind == "niah_multivalue":
         values = [_number(rng) for _ in range(3)]
         depths = [rng.uniform(0.05, 0.95) for _ in range(3)]
-        return Task(tid, kind, insert(hay, [_needle(keys[0], v) for v in values], depths),
-                    f"What are all the special magic codes for {keys[0]}? Answer with the codes only.",
-                    values, depths)
+        return (insert(hay, [_needle(keys[0], v) for v in values], depths),
+                f"What are all the special magic codes for {keys[0]}? Answer with the codes only.",
+                values, depths)
     if kind == "niah_multiquery":
         values = [_number(rng) for _ in range(2)]
         depths = [rng.uniform(0.05, 0.95) for _ in range(2)]
-        return Task(tid, kind, insert(hay, [_needle(k, v) for k, v in zip(keys, values)], depths),
-                    f"What are the special magic codes for {keys[0]} and {keys[1]}? Answer with the codes only.",
-                    values, depths)
+        return (insert(hay, [_needle(k, v) for k, v in zip(keys, values)], depths),
+                f"What are the special magic codes for {keys[0]} and {keys[1]}? Answer with the codes only.",
+                values, depths)
     if kind == "variable_tracking":
         names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(4)) for _ in range(3)]
         value = str(rng.randrange(10_000, 99_999))
         chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in (1, 2)]
         depths = sorted(rng.uniform(0.05, 0.95) for _ in range(3))
-        return Task(tid, kind, insert(hay, chain, depths),
-                    f"Which variables are assigned the value {value}, directly or through other variables? "
-                    "Answer with the variable names only.", names, depths)
+        return (insert(hay, chain, depths),
+                f"Which variables are assigned the value {value}, directly or through other variables? "
+                "Answer with the variable names only.", names, depths)
     raise ValueError(f"unknown task kind {kind!r}; known: {', '.join(KINDS)}")
 
 
-def generate(tokenizer, kinds=DEFAULT_KINDS, lengths=(1024, 2048), samples: int = 2, seed: int = 0) -> list[Task]:
+def generate(tokenizer, kinds=KINDS, lengths=(1024, 2048), samples: int = 2, seed: int = 0) -> list[Task]:
     """``samples`` tasks of every kind at every length, seeded."""
     return [make_task(kind, tokenizer, n, seed, i) for n in lengths for kind in kinds for i in range(samples)]

@@ -71,7 +71,7 @@ class Budget:
 class CompressionContext:
     """What a method may use besides the KV cache.
 
-    model: the LoadedModel, for methods with ``needs_model``
+    model: the LoadedModel (None in tests on random tensors)
     seed:  for methods with randomness; the same seed gives the same output
     keep:  the budget's keep, for scorers whose scores depend on it
     """
@@ -138,7 +138,6 @@ class Compressor:
     """Base class: ``compress(kv, budget, ctx) -> CompressedKV``."""
 
     name: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = False  # ctx.model must be set
     needs_queries: ClassVar[bool] = False  # prefill must capture the post-RoPE queries
     needs_pre_rope_keys: ClassVar[bool] = False  # prefill must capture the keys before RoPE
     needs_surprisal: ClassVar[bool] = False  # prefill must compute every token's surprisal

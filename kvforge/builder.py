@@ -22,11 +22,12 @@ from . import __version__
 from . import artifact as _artifact
 from . import zarr_store
 from .budget import allocate as pilot_allocation
-from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
+from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate, summarize_keeps
 from .corpus import Document, load_corpus
 from .errors import ConfigError, FormatError, KvforgeError
 from .methods import Budget, CompressionContext, Compressor, get_method
 from .model import LoadedModel, load_model
+from .options import ALLOCATIONS, AUTO, FORMATS, check_choice, check_keep_and_tolerance, check_storage
 from .prefill import check_length, prefill
 from .ragged import CompressedKV
 
@@ -41,53 +42,34 @@ class BuildConfig:
 
     method: dict = field(default_factory=lambda: {"name": "compactor", "config": {}})
     keep: float | str = 0.5  # a fraction in (0, 1], or "auto": calibrated per document
-    dtype: str = "float16"
+    dtype: str = "float16"  # one of kvforge.options.STORAGE_DTYPES
     seed: int = 0
     tolerance: float | None = None  # with keep "auto": the largest proxy KL accepted
-    quant: str = "none"  # storage quantization: none, int8, int4 (applied after compression)
-    allocate: str = "uniform"  # per-head budgets: the method's own split, or "pilot" (kvforge.budget)
+    quant: str = "none"  # storage quantization, one of options.QUANTIZATIONS (applied after compression)
+    allocate: str = "uniform"  # per-head budgets, one of options.ALLOCATIONS: the method's own split, or "pilot"
 
     @property
     def auto(self) -> bool:
-        return self.keep == "auto"
+        return self.keep == AUTO
 
     @staticmethod
     def make(method: str | dict | Compressor = "compactor", keep: float | str = 0.5, dtype: str = "float16",
              seed: int = 0, tolerance: float | None = None, quant: str = "none",
              allocate: str = "uniform") -> "BuildConfig":
+        """The checked config (every check in :mod:`kvforge.options`); method ``full`` keeps 1.0, uniform."""
         if isinstance(method, Compressor):
             m = method.to_dict()
         elif isinstance(method, dict):
             m = Compressor.from_dict(method).to_dict()
         else:
             m = get_method(method).to_dict()
-        if m["name"] == "full":
+        full = m["name"] == "full"  # keeps everything: nothing to calibrate or allocate
+        if full:
             keep, tolerance = 1.0, None
-        if isinstance(keep, str) and keep.strip().lower() == "auto":
-            keep = "auto"
-            tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
-            try:
-                tolerance = float(tolerance)
-            except (TypeError, ValueError):
-                raise ConfigError(f"tolerance must be a number > 0, got {tolerance!r}") from None
-            if not tolerance > 0 or tolerance == float("inf"):
-                raise ConfigError(f"tolerance must be a finite number > 0 (mean KL in nats per token), got {tolerance}")
-        else:
-            if tolerance is not None:
-                raise ConfigError("--tolerance applies to --keep auto only; drop it or pass --keep auto")
-            try:
-                keep = float(keep)
-            except (TypeError, ValueError):
-                raise ConfigError(f"keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
-            if not 0.0 < keep <= 1.0:
-                raise ConfigError(f"keep must be in (0, 1] or 'auto', got {keep}")
-        if dtype not in _artifact.STORAGE_DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(_artifact.STORAGE_DTYPES)}, got {dtype!r}")
-        if quant not in _artifact.QUANTIZATIONS:
-            raise ConfigError(f"quant must be one of {', '.join(_artifact.QUANTIZATIONS)}, got {quant!r}")
-        if allocate not in ("uniform", "pilot"):
-            raise ConfigError(f"allocate must be uniform or pilot, got {allocate!r}")
-        if m["name"] == "full":
+        keep, tolerance = check_keep_and_tolerance(keep, tolerance, DEFAULT_TOLERANCE)
+        check_storage(dtype, quant)
+        check_choice("allocate", allocate, ALLOCATIONS)
+        if full:
             allocate = "uniform"
         return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance, quant=quant,
                            allocate=allocate)
@@ -169,6 +151,14 @@ class BuildReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def keep_summary(self) -> str | None:
+        """Quantiles and a histogram of the keeps ``keep="auto"`` chose; None when nothing was calibrated."""
+        calibrated = [e for e in self.entries if e.get("calibration")]
+        if not calibrated:
+            return None
+        return summarize_keeps(sorted(e["keep_achieved"] for e in calibrated),
+                               calibrated[0]["calibration"]["tolerance"])
 
 
 def _read_library(out: Path) -> dict:
@@ -273,9 +263,7 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     t_start = time.perf_counter()
     config = BuildConfig.make(method, keep, dtype, seed, tolerance, quant, allocate)
     out = Path(out)
-    format = format or ("zarr" if out.suffix == ".zarr" else "kv")
-    if format not in ("kv", "zarr"):
-        raise ConfigError(f"format must be kv or zarr, got {format!r}")
+    format = check_choice("format", format or ("zarr" if out.suffix == ".zarr" else "kv"), FORMATS)
     if out.suffix == ".zip":
         raise ConfigError(f"{out}: build into a folder or a .zarr library; zip one for shipping with "
                           "`kvforge convert lib.zarr lib.zarr.zip`")

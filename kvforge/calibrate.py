@@ -205,3 +205,20 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
     record.keep = keep
     record.seconds = round(time.perf_counter() - t0, 3)
     return keep, out, record
+
+
+def summarize_keeps(keeps: list[float], tolerance: float) -> str:
+    """A one-screen summary of the keeps ``--keep auto`` chose over a corpus: quantiles and a histogram.
+
+    keeps: sorted ascending, one per document.
+    """
+    n = len(keeps)
+    q = lambda f: keeps[min(n - 1, int(f * n))]  # noqa: E731
+    lines = [f"calibrated keep (tolerance {tolerance:g}) over {n} document(s): mean {sum(keeps) / n:.3f}, "
+             f"min {keeps[0]:.3f}, median {q(0.5):.3f}, max {keeps[-1]:.3f}"]
+    edges = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0001]
+    for a, b in zip(edges[:-1], edges[1:]):
+        c = sum(a <= k < b for k in keeps)
+        if c:
+            lines.append(f"  keep {a:.1f}-{min(b, 1.0):.1f} {'#' * max(1, round(30 * c / n))} {c}")
+    return "\n".join(lines)

@@ -98,6 +98,32 @@ class Doc:
         """Bytes the loaded document cache holds (prefix as stored, plus any suffix)."""
         return self._cache.resident_bytes()
 
+    def answer_report(self, question: str, answer: str, *, source: str, started: float) -> dict:
+        """The last answer with its timings and sizes (``kvforge query --json``).
+
+        source: the artifact's path as given; started: ``time.perf_counter()`` before the load.
+        """
+        stats = self.last
+        return {
+            "answer": answer,
+            "question": question,
+            "artifact": source,
+            "doc": self.manifest["document"]["id"],
+            "load_s": round(self.load_s, 4),
+            "ttft_s": round(stats.ttft_s, 4),
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+            "new_tokens": stats.new_tokens,
+            "question_tokens": stats.question_tokens,
+            "logical_tokens": self.logical_length,
+            "kept_tokens": round(self.kept_tokens, 2),
+            "kept_entries": self.kept_entries,
+            "keep": self.manifest["compression"]["keep_achieved"],
+            "artifact_bytes": self.artifact.file_bytes,
+            "resident_kv_bytes": self.resident_kv_bytes(),
+            "total_s": round(time.perf_counter() - started, 4),
+            "model": self.lm.info.name,
+        }
+
     # -- answering ----------------------------------------------------------------------------
     def question_ids(self, question: str) -> list[int]:
         ids = self.lm.encode_question(question, self.template)

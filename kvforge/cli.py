@@ -73,7 +73,8 @@ def cli():
               help="per-head budgets: the method's own split, or redistributed toward hard heads from a "
                    "cheap pilot run (same total)")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORAGE_DTYPES), help="storage dtype of keys and values")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORAGE_DTYPES),
+              help="storage dtype of keys and values")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed for methods with randomness")
 @click.option("--skip-bad", is_flag=True, help="skip unusable documents (empty, binary, too long) instead of stopping")
 @click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")

@@ -182,12 +182,12 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
     sizes = [len(a) for _, a in probes]
 
     def evaluate(keep: float) -> float:
-        out = compress_at(Budget(keep))
-        got = _probe_logits(Doc.from_kv(lm, out, T), probes)
+        compressed = compress_at(Budget(keep))
+        got = _probe_logits(Doc.from_kv(lm, compressed, T), probes)
         kl, top1 = _compare(ref, got)
         if cfg.aggregate == "max":  # the worst-recalled passage decides
             kl = max(kl_divergence(r, g) for r, g in zip(ref.split(sizes), got.split(sizes)))
-        results[keep] = out
+        results[keep] = compressed
         record.trace.append({"keep": keep, "kl": round(kl, 6), "top1": round(top1, 4)})
         return kl
 
@@ -201,10 +201,10 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
         else:
             lo = mid + 1
     keep = grid[hi]
-    out = results[keep] if keep in results else compress_at(Budget(keep))
+    compressed = results[keep] if keep in results else compress_at(Budget(keep))
     record.keep = keep
     record.seconds = round(time.perf_counter() - t0, 3)
-    return keep, out, record
+    return keep, compressed, record
 
 
 def summarize_keeps(keeps: list[float], tolerance: float) -> str:

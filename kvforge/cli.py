@@ -229,7 +229,7 @@ def convert(source, dest, doc_id, overwrite, as_json):
     """
     from .convert import convert as run_convert
 
-    report = run_convert(source, dest, doc=doc_id, overwrite=overwrite)
+    report = run_convert(source, dest, doc_id=doc_id, overwrite=overwrite)
     if as_json:
         _emit_json(report.to_dict())
     else:

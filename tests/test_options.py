@@ -71,3 +71,17 @@ def test_eval_config_refuses_an_unknown_allocation():
     assert EvalConfig(allocations=["pilot"]).allocations == ["pilot"]
     with pytest.raises(ConfigError, match="give uniform, pilot or both"):
         EvalConfig(allocations=["pilto"])
+
+
+def test_eval_options_are_checked_before_any_model_loads():
+    from kvforge.evaluate import eval_config
+
+    good = dict(methods="knorm", keeps="0.5", tolerance=0.1, allocations="uniform", tasks=None, lengths="300",
+                samples=1, against="", seed=0, max_new_tokens=4)
+    cfg = eval_config(**good)
+    assert (cfg.methods, cfg.keeps, cfg.lengths, cfg.allocations) == (["knorm"], [0.5], [300], ["uniform"])
+    for bad, match in [({"tasks": "niah_number,nope"}, "unknown task kinds"), ({"against": "other"}, "only kvpress"),
+                       ({"methods": "knorm,nope"}, "unknown method"), ({"tolerance": 0.0}, "finite number > 0"),
+                       ({"allocations": "pilto"}, "give uniform, pilot or both"), ({"lengths": "3x"}, "--lengths")]:
+        with pytest.raises(ConfigError, match=match):
+            eval_config(**(good | bad))

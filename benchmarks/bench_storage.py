@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
 
-from kvforge import __version__, artifact, zarr_store  # noqa: E402
+from kvforge import artifact, zarr_store  # noqa: E402
 from kvforge.calibrate import kl_divergence  # noqa: E402
 from kvforge.eval.tasks import generate  # noqa: E402
+from kvforge.manifest import make_manifest  # noqa: E402
 from kvforge.methods import Budget, CompressionContext, get_method  # noqa: E402
 from kvforge.methods.base import keep_all  # noqa: E402
 from kvforge.model import load_model  # noqa: E402
@@ -43,21 +44,6 @@ from kvforge.runtime import Doc  # noqa: E402
 
 KINDS = ["niah_number", "niah_word", "niah_uuid", "niah_multikey", "niah_multivalue", "niah_multiquery"]
 QUANTS = ["none", "int8", "int4"]
-
-
-def _manifest(lm, task_id: str, T: int, kv, keep: float, quant: str, method) -> dict:
-    L, H = kv.lengths.shape
-    total = L * H * T
-    return {
-        "format": artifact.FORMAT_NAME, "version": artifact.FORMAT_VERSION, "created_by": f"kvforge {__version__}",
-        "model": lm.info.to_dict(),
-        "document": {"id": task_id, "sha256": "0" * 64, "logical_length": T},
-        "template": lm.template.to_dict(),
-        "compression": {"method": method.to_dict(), "keep_requested": keep, "keep_achieved": kv.kept / total,
-                        "kept_entries": kv.kept, "total_entries": total, "seed": 0, "extra": {}},
-        "storage": {"dtype": "float16", "quantization": quant, "has_beta": False},
-        "tensors_sha256": "0" * 64,
-    }
 
 
 def _load_time(fn, repeats: int = 5) -> float:
@@ -96,20 +82,22 @@ def main() -> None:
             ref = full.answer_ids(task.question, 24) or [lm.tokenizer.eos_token_id or 0]
             ref_qa = full.logits(task.question, ref, include_question=True)
             for keep in keeps:
-                ckv = method.compress(kv, Budget(keep), CompressionContext(model=lm, seed=0))
+                compressed = method.compress(kv, Budget(keep), CompressionContext(model=lm, seed=0))
                 for quant in QUANTS:
                     name = f"{task.id}-{keep:g}-{quant}"
-                    manifest = _manifest(lm, name, T, ckv, keep, quant, method)
+                    manifest = make_manifest(lm.info.to_dict(), lm.template.to_dict(), doc_id=name,
+                                             logical_length=T, compressed=compressed, method=method.to_dict(),
+                                             keep_requested=keep, quantization=quant)
                     kv_path, lib = tmp / f"{name}.kv", tmp / f"lib-{quant}.zarr"
-                    kv_bytes = artifact.write(kv_path, manifest, ckv)
-                    zarr_bytes = zarr_store.write(lib, manifest, ckv)
+                    kv_bytes = artifact.write(kv_path, manifest, compressed)
+                    zarr_bytes = zarr_store.write(lib, manifest, compressed)
                     a = artifact.read(kv_path)
                     z = zarr_store.read(lib, name)
                     doc_a, doc_z = Doc(artifact=a, lm=lm), Doc(artifact=z, lm=lm)
                     la = doc_a.logits(task.question, ref, include_question=True)
                     lz = doc_z.logits(task.question, ref, include_question=True)
                     row = {"task": task.id, "kind": task.kind, "tokens": T, "keep": keep, "quant": quant,
-                           "keep_achieved": ckv.kept / (ckv.lengths.numel() * T),
+                           "keep_achieved": compressed.kept / (compressed.lengths.numel() * T),
                            "kv_bytes_per_token": kv_bytes / T, "zarr_bytes_per_token": zarr_bytes / T,
                            "kl_qa": kl_divergence(ref_qa, la), "zarr_logits_equal": bool(torch.equal(la, lz))}
                     rows.append(row)

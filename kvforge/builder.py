@@ -2,7 +2,7 @@
 
 (Named builder, not build, so that the module does not shadow the function ``kvforge.build``.)
 
-``build_document(lm, doc, config)`` is a pure function of its inputs (model,
+``build_document(lm, document, config)`` is a pure function of its inputs (model,
 document, config) returning the artifact's manifest and ragged KV: an executor
 (a process pool, a Ray cluster) can map it over a corpus. ``build`` is the
 sequential executor with progress bars and resume.
@@ -18,16 +18,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
 from . import artifact as _artifact
 from . import zarr_store
 from .budget import allocate as pilot_allocation
-from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate
+from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate, summarize_keeps
 from .corpus import Document, load_corpus
 from .errors import ConfigError, FormatError, KvforgeError
 from .methods import Budget, CompressionContext, Compressor, get_method
 from .model import LoadedModel, load_model
-from .prefill import check_length, prefill
+from .options import ALLOCATIONS, AUTO, FORMATS, check_choice, check_keep_and_tolerance, check_storage
+from .manifest import make_manifest
+from .prefill import KV, check_length, prefill
 from .ragged import CompressedKV
 
 LIBRARY_FILE = "library.json"
@@ -41,53 +42,34 @@ class BuildConfig:
 
     method: dict = field(default_factory=lambda: {"name": "compactor", "config": {}})
     keep: float | str = 0.5  # a fraction in (0, 1], or "auto": calibrated per document
-    dtype: str = "float16"
+    dtype: str = "float16"  # one of kvforge.options.STORAGE_DTYPES
     seed: int = 0
     tolerance: float | None = None  # with keep "auto": the largest proxy KL accepted
-    quant: str = "none"  # storage quantization: none, int8, int4 (applied after compression)
-    allocate: str = "uniform"  # per-head budgets: the method's own split, or "pilot" (kvforge.budget)
+    quant: str = "none"  # storage quantization, one of options.QUANTIZATIONS (applied after compression)
+    allocate: str = "uniform"  # per-head budgets, one of options.ALLOCATIONS: the method's own split, or "pilot"
 
     @property
     def auto(self) -> bool:
-        return self.keep == "auto"
+        return self.keep == AUTO
 
     @staticmethod
     def make(method: str | dict | Compressor = "compactor", keep: float | str = 0.5, dtype: str = "float16",
              seed: int = 0, tolerance: float | None = None, quant: str = "none",
              allocate: str = "uniform") -> "BuildConfig":
+        """The checked config (every check in :mod:`kvforge.options`); method ``full`` keeps 1.0, uniform."""
         if isinstance(method, Compressor):
             m = method.to_dict()
         elif isinstance(method, dict):
             m = Compressor.from_dict(method).to_dict()
         else:
             m = get_method(method).to_dict()
-        if m["name"] == "full":
+        full = m["name"] == "full"  # keeps everything: nothing to calibrate or allocate
+        if full:
             keep, tolerance = 1.0, None
-        if isinstance(keep, str) and keep.strip().lower() == "auto":
-            keep = "auto"
-            tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
-            try:
-                tolerance = float(tolerance)
-            except (TypeError, ValueError):
-                raise ConfigError(f"tolerance must be a number > 0, got {tolerance!r}") from None
-            if not tolerance > 0 or tolerance == float("inf"):
-                raise ConfigError(f"tolerance must be a finite number > 0 (mean KL in nats per token), got {tolerance}")
-        else:
-            if tolerance is not None:
-                raise ConfigError("--tolerance applies to --keep auto only; drop it or pass --keep auto")
-            try:
-                keep = float(keep)
-            except (TypeError, ValueError):
-                raise ConfigError(f"keep must be a number in (0, 1] or 'auto', got {keep!r}") from None
-            if not 0.0 < keep <= 1.0:
-                raise ConfigError(f"keep must be in (0, 1] or 'auto', got {keep}")
-        if dtype not in _artifact.STORAGE_DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(_artifact.STORAGE_DTYPES)}, got {dtype!r}")
-        if quant not in _artifact.QUANTIZATIONS:
-            raise ConfigError(f"quant must be one of {', '.join(_artifact.QUANTIZATIONS)}, got {quant!r}")
-        if allocate not in ("uniform", "pilot"):
-            raise ConfigError(f"allocate must be uniform or pilot, got {allocate!r}")
-        if m["name"] == "full":
+        keep, tolerance = check_keep_and_tolerance(keep, tolerance, DEFAULT_TOLERANCE)
+        check_storage(dtype, quant)
+        check_choice("allocate", allocate, ALLOCATIONS)
+        if full:
             allocate = "uniform"
         return BuildConfig(method=m, keep=keep, dtype=dtype, seed=int(seed), tolerance=tolerance, quant=quant,
                            allocate=allocate)
@@ -96,64 +78,47 @@ class BuildConfig:
         return hashlib.sha256(_artifact.canonical_json(asdict(self)).encode()).hexdigest()
 
 
-def build_document(lm: LoadedModel, doc: Document, config: BuildConfig,
+def build_document(lm: LoadedModel, document: Document, config: BuildConfig,
                    input_ids: list[int] | None = None) -> tuple[dict, CompressedKV]:
-    """Prefill and compress one document. Pure: same inputs, same output."""
-    ids = input_ids if input_ids is not None else lm.encode_document(doc.text)
-    check_length(len(ids), lm.info.max_context, doc.path or doc.id)
+    """Prefill and compress one document: (its manifest, its compressed cache). Pure: same inputs, same output."""
+    ids = input_ids if input_ids is not None else lm.encode_document(document.text)
+    check_length(len(ids), lm.info.max_context, document.path or document.id)
     compressor = Compressor.from_dict(config.method)
     kv = prefill(lm.model, ids, queries=compressor.needs_queries or config.allocate == "pilot",
                  pre_rope_keys=compressor.needs_pre_rope_keys, surprisal=compressor.needs_surprisal)
-    L, H, T, _ = kv.shape
-    keep, out, extra = compress_document(lm, ids, kv, compressor, config.keep, tolerance=config.tolerance,
-                                         allocate=config.allocate, seed=config.seed)
-    total = L * H * T
-    manifest = {
-        "format": _artifact.FORMAT_NAME,
-        "version": _artifact.FORMAT_VERSION,
-        "created_by": f"kvforge {__version__}",
-        "model": lm.info.to_dict(),
-        "document": {"id": doc.id, "sha256": doc.sha256, "logical_length": T},
-        "template": lm.template.to_dict(),
-        "compression": {
-            "method": compressor.to_dict(),
-            "keep_requested": keep,
-            "keep_achieved": out.kept / total,
-            "kept_entries": out.kept,
-            "total_entries": total,
-            "seed": config.seed,
-            "extra": extra,
-        },
-        "storage": {"dtype": config.dtype, "quantization": config.quant, "has_beta": out.beta is not None},
-        "tensors_sha256": "0" * 64,  # filled by the writer
-    }
-    return manifest, out
+    keep, compressed, extra = compress_document(lm, ids, kv, compressor, config.keep, tolerance=config.tolerance,
+                                                allocate=config.allocate, seed=config.seed)
+    manifest = make_manifest(lm.info.to_dict(), lm.template.to_dict(), doc_id=document.id,
+                             doc_sha256=document.sha256, logical_length=kv.num_tokens, compressed=compressed,
+                             method=compressor.to_dict(), keep_requested=keep, seed=config.seed, extra=extra,
+                             dtype=config.dtype, quantization=config.quant)
+    return manifest, compressed
 
 
-def compress_document(lm: LoadedModel, ids: list[int], kv, compressor: Compressor, keep: float | str, *,
+def compress_document(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, keep: float | str, *,
                       tolerance: float | None = None, allocate: str = "uniform",
                       seed: int = 0) -> tuple[float, CompressedKV, dict]:
     """Compress one prefilled document: (keep used, compressed KV, ``compression.extra``).
 
-    ``keep`` ``"auto"`` calibrates it first; ``allocate="pilot"`` then sets per-head counts from a
-    pilot run (:mod:`kvforge.budget`). Shared by the build and ``kvforge eval``.
+    ``kv``: the dense prefill. ``keep`` ``"auto"`` calibrates it first; ``allocate="pilot"`` then
+    sets per-head counts from a pilot run (:mod:`kvforge.budget`). Shared by the build and ``kvforge eval``.
     """
     ctx = CompressionContext(model=lm, seed=seed)
     extra: dict = {}
-    out = None
-    if keep == "auto":
-        keep, out, record = calibrate(lm, ids, kv, compressor, ctx,
-                                      CalibrationConfig(tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance))
+    compressed = None
+    if keep == AUTO:
+        calibration = CalibrationConfig(tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        keep, compressed, record = calibrate(lm, ids, kv, compressor, ctx, calibration)
         extra["calibration"] = record.to_dict()
     if allocate == "pilot" and keep < 1.0:
         ctx = dataclasses.replace(ctx, keep=keep)
         compress_at = compressor.prepare(kv, ctx)  # scored once for the pilot (when it is the method) and the build
         budget, allocation = pilot_allocation(kv, compressor, keep, ctx, compress_at=compress_at)
-        out = compress_at(budget)
+        compressed = compress_at(budget)
         extra["allocation"] = allocation.to_dict()
-    elif out is None:
-        out = compressor.compress(kv, Budget(keep=keep), ctx)
-    return keep, out, extra
+    elif compressed is None:
+        compressed = compressor.compress(kv, Budget(keep=keep), ctx)
+    return keep, compressed, extra
 
 
 @dataclass
@@ -169,6 +134,14 @@ class BuildReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def keep_summary(self) -> str | None:
+        """Quantiles and a histogram of the keeps ``keep="auto"`` chose; None when nothing was calibrated."""
+        calibrated = [e for e in self.entries if e.get("calibration")]
+        if not calibrated:
+            return None
+        return summarize_keeps(sorted(e["keep_achieved"] for e in calibrated),
+                               calibrated[0]["calibration"]["tolerance"])
 
 
 def _read_library(out: Path) -> dict:
@@ -188,8 +161,8 @@ def _write_library(out: Path, entries: dict[str, dict]) -> None:
     _artifact.atomic_write_bytes(out / LIBRARY_FILE, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def _entry_is_current(entry: dict | None, doc: Document, config: BuildConfig, lm: LoadedModel) -> bool:
-    return bool(entry) and entry.get("sha256") == doc.sha256 and entry.get("config_sha256") == config.digest() \
+def _entry_is_current(entry: dict | None, document: Document, config: BuildConfig, lm: LoadedModel) -> bool:
+    return bool(entry) and entry.get("sha256") == document.sha256 and entry.get("config_sha256") == config.digest() \
         and entry.get("model_weights_sha256") == lm.info.weights_sha256
 
 
@@ -202,22 +175,22 @@ class _FolderSink:
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.library = out, _read_library(out)
 
-    def current(self, doc: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
-        entry = self.library.get(doc.id)
-        if not _entry_is_current(entry, doc, config, lm):
+    def current(self, document: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
+        entry = self.library.get(document.id)
+        if not _entry_is_current(entry, document, config, lm):
             return None
         path = self.out / entry.get("file", "")
         try:
             manifest, _, _ = _artifact.read_header(path)
         except FormatError:
             return None
-        ok = manifest["document"]["sha256"] == doc.sha256 and path.stat().st_size == entry.get("bytes")
+        ok = manifest["document"]["sha256"] == document.sha256 and path.stat().st_size == entry.get("bytes")
         return entry if ok else None
 
-    def write(self, doc: Document, manifest: dict, kv: CompressedKV, entry: dict) -> dict:
-        path = self.out / f"{doc.id}.kv"
-        entry = entry | {"file": path.name, "bytes": _artifact.write(path, manifest, kv)}
-        self.library[doc.id] = entry
+    def write(self, document: Document, manifest: dict, compressed: CompressedKV, entry: dict) -> dict:
+        path = self.out / f"{document.id}.kv"
+        entry = entry | {"file": path.name, "bytes": _artifact.write(path, manifest, compressed)}
+        self.library[document.id] = entry
         _write_library(self.out, self.library)  # after every document: a killed build resumes from here
         return entry
 
@@ -232,18 +205,18 @@ class _ZarrSink:
         zarr_store.create(out)
         self.out = out
 
-    def current(self, doc: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
+    def current(self, document: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
         try:  # one zarr.json read; a missing document is a FormatError like a damaged one
             with zarr_store.open_library(self.out) as lib:
-                manifest, entry = lib.manifest_and_build(doc.id)
+                manifest, entry = lib.manifest_and_build(document.id)
         except FormatError:
             return None
-        ok = _entry_is_current(entry, doc, config, lm) and manifest["document"]["sha256"] == doc.sha256
+        ok = _entry_is_current(entry, document, config, lm) and manifest["document"]["sha256"] == document.sha256
         return entry if ok else None
 
-    def write(self, doc: Document, manifest: dict, kv: CompressedKV, entry: dict) -> dict:
-        entry = entry | {"file": doc.id}
-        nbytes = zarr_store.write(self.out, manifest, kv, build_entry=entry | {"bytes": 0})
+    def write(self, document: Document, manifest: dict, compressed: CompressedKV, entry: dict) -> dict:
+        entry = entry | {"file": document.id}
+        nbytes = zarr_store.write(self.out, manifest, compressed, build_entry=entry | {"bytes": 0})
         return entry | {"bytes": nbytes}
 
     def finish(self) -> None:
@@ -273,45 +246,43 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     t_start = time.perf_counter()
     config = BuildConfig.make(method, keep, dtype, seed, tolerance, quant, allocate)
     out = Path(out)
-    format = format or ("zarr" if out.suffix == ".zarr" else "kv")
-    if format not in ("kv", "zarr"):
-        raise ConfigError(f"format must be kv or zarr, got {format!r}")
+    format = check_choice("format", format or ("zarr" if out.suffix == ".zarr" else "kv"), FORMATS)
     if out.suffix == ".zip":
         raise ConfigError(f"{out}: build into a folder or a .zarr library; zip one for shipping with "
                           "`kvforge convert lib.zarr lib.zarr.zip`")
-    docs, bad = load_corpus(sources, skip_bad=skip_bad)
+    documents, bad = load_corpus(sources, skip_bad=skip_bad)
     lm = load_model(model)
     # tokenize and check every length first: a too-long document stops the build before any write
     encoded = {}
-    for doc in docs:
-        ids = lm.encode_document(doc.text)
+    for document in documents:
+        ids = lm.encode_document(document.text)
         try:
-            check_length(len(ids), lm.info.max_context, doc.path or doc.id)
+            check_length(len(ids), lm.info.max_context, document.path or document.id)
         except KvforgeError as exc:
             if not skip_bad:
                 raise type(exc)(f"{exc}; nothing was written") from exc
             bad.append(exc)
             continue
-        encoded[doc.id] = ids
-    docs = [d for d in docs if d.id in encoded]
+        encoded[document.id] = ids
+    documents = [d for d in documents if d.id in encoded]
 
     sink = _ZarrSink(out) if format == "zarr" else _FolderSink(out)
-    entries = {} if force else {d.id: sink.current(d, config, lm) for d in docs}
-    todo = [d for d in docs if not entries.get(d.id)]
-    skipped = [d.id for d in docs if d not in todo]
+    entries = {} if force else {d.id: sink.current(d, config, lm) for d in documents}
+    todo = [d for d in documents if not entries.get(d.id)]
+    skipped = [d.id for d in documents if d not in todo]
     built = []
     bar_docs = tqdm(total=len(todo), desc="documents", unit="doc", disable=not progress or not todo)
     bar_tok = tqdm(total=sum(len(encoded[d.id]) for d in todo), desc="tokens", unit="tok",
                    disable=not progress or not todo)
     try:
-        for doc in todo:
+        for document in todo:
             t0 = time.perf_counter()
-            manifest, kv = build_document(lm, doc, config, encoded[doc.id])
+            manifest, compressed = build_document(lm, document, config, encoded[document.id])
             comp = manifest["compression"]
             entry = {
-                "id": doc.id,
-                "source": doc.path,
-                "sha256": doc.sha256,
+                "id": document.id,
+                "source": document.path,
+                "sha256": document.sha256,
                 "logical_tokens": manifest["document"]["logical_length"],
                 "kept_entries": comp["kept_entries"],
                 "kept_tokens_per_head": comp["kept_entries"] / (lm.info.num_layers * lm.info.num_kv_heads),
@@ -328,14 +299,14 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
             }
             if "calibration" in comp["extra"]:
                 entry["calibration"] = comp["extra"]["calibration"]
-            entries[doc.id] = sink.write(doc, manifest, kv, entry)
-            built.append(doc.id)
+            entries[document.id] = sink.write(document, manifest, compressed, entry)
+            built.append(document.id)
             bar_docs.update(1)
-            bar_tok.update(len(encoded[doc.id]))
+            bar_tok.update(len(encoded[document.id]))
     finally:
         bar_tok.close()
         bar_docs.close()
     if not todo:
         sink.finish()
-    return BuildReport(out=str(out), entries=[entries[d.id] for d in docs], built=built, skipped=skipped,
+    return BuildReport(out=str(out), entries=[entries[d.id] for d in documents], built=built, skipped=skipped,
                        errors=[str(e) for e in bad], seconds=time.perf_counter() - t_start)

@@ -182,12 +182,12 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
     sizes = [len(a) for _, a in probes]
 
     def evaluate(keep: float) -> float:
-        out = compress_at(Budget(keep))
-        got = _probe_logits(Doc.from_kv(lm, out, T), probes)
+        compressed = compress_at(Budget(keep))
+        got = _probe_logits(Doc.from_kv(lm, compressed, T), probes)
         kl, top1 = _compare(ref, got)
         if cfg.aggregate == "max":  # the worst-recalled passage decides
             kl = max(kl_divergence(r, g) for r, g in zip(ref.split(sizes), got.split(sizes)))
-        results[keep] = out
+        results[keep] = compressed
         record.trace.append({"keep": keep, "kl": round(kl, 6), "top1": round(top1, 4)})
         return kl
 
@@ -201,7 +201,24 @@ def calibrate(lm: LoadedModel, ids: list[int], kv: KV, compressor: Compressor, c
         else:
             lo = mid + 1
     keep = grid[hi]
-    out = results[keep] if keep in results else compress_at(Budget(keep))
+    compressed = results[keep] if keep in results else compress_at(Budget(keep))
     record.keep = keep
     record.seconds = round(time.perf_counter() - t0, 3)
-    return keep, out, record
+    return keep, compressed, record
+
+
+def summarize_keeps(keeps: list[float], tolerance: float) -> str:
+    """A one-screen summary of the keeps ``--keep auto`` chose over a corpus: quantiles and a histogram.
+
+    keeps: sorted ascending, one per document.
+    """
+    n = len(keeps)
+    q = lambda f: keeps[min(n - 1, int(f * n))]  # noqa: E731
+    lines = [f"calibrated keep (tolerance {tolerance:g}) over {n} document(s): mean {sum(keeps) / n:.3f}, "
+             f"min {keeps[0]:.3f}, median {q(0.5):.3f}, max {keeps[-1]:.3f}"]
+    edges = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0001]
+    for a, b in zip(edges[:-1], edges[1:]):
+        c = sum(a <= k < b for k in keeps)
+        if c:
+            lines.append(f"  keep {a:.1f}-{min(b, 1.0):.1f} {'#' * max(1, round(30 * c / n))} {c}")
+    return "\n".join(lines)

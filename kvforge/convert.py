@@ -4,7 +4,7 @@ The stored tensors move as they are (quantized codes stay codes), so a ``.kv``
 file converted into a library and back is the same file, byte for byte.
 
     .kv file(s) or a folder of them  ->  lib.zarr  or  lib.zarr.zip
-    lib.zarr or lib.zarr.zip          ->  a folder of .kv files (or a single .kv with ``doc``)
+    lib.zarr or lib.zarr.zip          ->  a folder of .kv files (or a single .kv with ``doc_id``)
     lib.zarr                          <-> lib.zarr.zip
 """
 
@@ -44,7 +44,7 @@ def _kv_files(src: Path) -> list[Path]:
     return [src]
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, doc: str | None = None,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, doc_id: str | None = None,
             overwrite: bool = False) -> ConvertReport:
     """Convert ``src`` into ``dst`` (see the module docstring); every document is fully verified on the way."""
     src, dst = Path(src), Path(dst)
@@ -52,7 +52,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, doc: str | None = No
         raise ConfigError(f"{dst} exists; remove it or pass --overwrite")
     report = ConvertReport(source=str(src), dest=str(dst))
     if zarr_store.is_library(src):
-        ids = [doc] if doc else zarr_store.list_ids(src)
+        ids = [doc_id] if doc_id else zarr_store.list_ids(src)
         if dst.suffix in (".zarr", ".zip"):
             stored = [zarr_store.read_stored(src, i) for i in ids]
             _write_library(dst, stored, report)
@@ -69,7 +69,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, doc: str | None = No
                 report.bytes_in += nbytes
                 report.bytes_out += len(data)
         return report
-    if doc is not None:
+    if doc_id is not None:
         raise ConfigError("--doc selects a document of a zarr library source")
     if dst.suffix not in (".zarr", ".zip"):
         raise ConfigError(f"{dst}: convert .kv files into a zarr library (lib.zarr or lib.zarr.zip)")

@@ -23,7 +23,9 @@ from . import artifact as _artifact
 from . import zarr_store as _zarr
 from .attention import RaggedCache, use_ragged_attention
 from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError, ResourceLimitError
+from .manifest import make_manifest
 from .model import EMBEDDED, LoadedModel, Template, load_model
+from .ragged import CompressedKV
 
 IDENTITY_FIELDS = ("weights_sha256", "tokenizer_sha256", "architecture", "num_layers",
                    "num_attention_heads", "num_kv_heads", "head_dim")
@@ -58,17 +60,14 @@ class Doc:
                                   compute_dtype=next(self.lm.model.parameters()).dtype)
 
     @classmethod
-    def from_kv(cls, lm: LoadedModel, kv, logical_length: int, method: dict | None = None) -> "Doc":
-        """A Doc over a KV that was never written (calibration, evaluation): same runtime, same answers."""
-        total = lm.info.num_layers * lm.info.num_kv_heads * logical_length
-        manifest = {
-            "model": lm.info.to_dict(),
-            "document": {"id": "in-memory", "logical_length": logical_length},
-            "template": lm.template.to_dict(),
-            "compression": {"kept_entries": kv.kept, "total_entries": total, "keep_achieved": kv.kept / total,
-                            "method": method or {}},
-        }
-        return cls(artifact=_artifact.Artifact(manifest=manifest, kv=kv), lm=lm)
+    def from_kv(cls, lm: LoadedModel, compressed: CompressedKV, logical_length: int,
+                method: dict | None = None) -> "Doc":
+        """A Doc over a compressed cache that was never written (calibration, evaluation): same runtime, same
+        answers. Its manifest is a complete one for document ``in-memory`` with no keep requested."""
+        manifest = make_manifest(lm.info.to_dict(), lm.template.to_dict(), doc_id="in-memory",
+                                 logical_length=logical_length, compressed=compressed, method=method or {},
+                                 keep_requested=None)
+        return cls(artifact=_artifact.Artifact(manifest=manifest, kv=compressed), lm=lm)
 
     # -- facts --------------------------------------------------------------------------------
     @property
@@ -97,6 +96,32 @@ class Doc:
     def resident_kv_bytes(self) -> int:
         """Bytes the loaded document cache holds (prefix as stored, plus any suffix)."""
         return self._cache.resident_bytes()
+
+    def answer_report(self, question: str, answer: str, *, source: str, started: float) -> dict:
+        """The last answer with its timings and sizes (``kvforge query --json``).
+
+        source: the artifact's path as given; started: ``time.perf_counter()`` before the load.
+        """
+        stats = self.last
+        return {
+            "answer": answer,
+            "question": question,
+            "artifact": source,
+            "doc": self.manifest["document"]["id"],
+            "load_s": round(self.load_s, 4),
+            "ttft_s": round(stats.ttft_s, 4),
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+            "new_tokens": stats.new_tokens,
+            "question_tokens": stats.question_tokens,
+            "logical_tokens": self.logical_length,
+            "kept_tokens": round(self.kept_tokens, 2),
+            "kept_entries": self.kept_entries,
+            "keep": self.manifest["compression"]["keep_achieved"],
+            "artifact_bytes": self.artifact.file_bytes,
+            "resident_kv_bytes": self.resident_kv_bytes(),
+            "total_s": round(time.perf_counter() - started, 4),
+            "model": self.lm.info.name,
+        }
 
     # -- answering ----------------------------------------------------------------------------
     def question_ids(self, question: str) -> list[int]:
@@ -137,9 +162,9 @@ class Doc:
         """
         start = self._cache.get_seq_length()
         pos = torch.arange(start, start + len(ids)).unsqueeze(0)
-        keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long) if rows is not None else 0)
+        logits_to_keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long) if rows is not None else 0)
         out = self.lm.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, position_ids=pos,
-                            cache_position=pos[0], use_cache=True, logits_to_keep=keep)
+                            cache_position=pos[0], use_cache=True, logits_to_keep=logits_to_keep)
         return out.logits[0].float()
 
     def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[int]:
@@ -264,19 +289,20 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
     ``verify=False`` skips the tensor digest (structure, shapes and finiteness are always checked).
     """
     t0 = time.perf_counter()
+    doc_id = doc  # the public keyword names the document by its id
     library = _zarr.is_library(path)
     if library:
-        doc, manifest = _zarr.read_manifest(path, doc)
-        where = f"{path}:{doc}"
+        doc_id, manifest = _zarr.read_manifest(path, doc_id)
+        where = f"{path}:{doc_id}"
     else:
-        if doc is not None:
+        if doc_id is not None:
             raise KvforgeError(f"{path}: --doc applies to a zarr library (lib.zarr or lib.zarr.zip), "
                                "not to a .kv file")
         manifest, _, _ = _artifact.read_header(path)  # cheap: refuse a wrong model before reading tensors
         where = str(path)
     lm = resolve_model_for(manifest, model)
     check_model(manifest, lm, where)
-    art = _zarr.read(path, doc, verify=verify) if library else _artifact.read(path, verify=verify)
+    art = _zarr.read(path, doc_id, verify=verify) if library else _artifact.read(path, verify=verify)
     loaded = Doc(artifact=art, lm=lm)
     loaded.load_s = time.perf_counter() - t0
     return loaded

@@ -1,8 +1,8 @@
-"""``kvforge verify``: check artifacts and libraries end to end, document by document.
+"""``kvforge verify`` and ``kvforge inspect``: read artifacts and libraries, check them, load no model.
 
-Reads every document as the runtime would, with every check on (structure,
-schema, chunk crc32c, tensor digest); one failure does not stop the others.
-No model is loaded.
+``verify_paths`` reads every document as the runtime would, with every check on
+(structure, schema, chunk crc32c, tensor digest); one failure does not stop the
+others. ``describe`` is what ``inspect`` shows of one artifact or library.
 """
 
 from __future__ import annotations
@@ -41,6 +41,20 @@ def verify_paths(paths) -> list[dict]:
     return results
 
 
+def describe(path, doc_id: str | None = None, verify: bool = True) -> dict:
+    """:func:`kvforge.artifact.summarize` of a ``.kv`` file or of one document of a zarr library.
+
+    A library of several documents without ``doc_id`` gives ``{"library": path, "documents": [ids]}``.
+    """
+    if zarr_store.is_library(path):
+        if doc_id is None:
+            ids = zarr_store.list_ids(path)
+            if len(ids) != 1:
+                return {"library": str(path), "documents": ids}
+        return _artifact.summarize(zarr_store.read(path, doc_id, verify=verify))
+    return _artifact.summarize(_artifact.read(path, verify=verify))
+
+
 def _check(where: str, doc_id, load) -> dict:
     try:
         art = load()
@@ -58,4 +72,4 @@ def _result(where: str, doc_id, exc: Exception) -> dict:
     return {"path": where, "doc": doc_id, "ok": False, "error": str(exc), "bytes": None, "version": None}
 
 
-__all__ = ["verify_paths"]
+__all__ = ["describe", "verify_paths"]

@@ -34,6 +34,7 @@ from ..calibrate import DEFAULT_TOLERANCE, kl_divergence  # noqa: F401 (re-expor
 from ..methods import Compressor, get_method
 from ..methods.base import keep_all
 from ..model import LoadedModel
+from ..options import check_allocations
 from ..prefill import prefill
 from ..ragged import CompressedKV
 from ..runtime import Doc
@@ -52,6 +53,9 @@ class EvalConfig:
     max_new_tokens: int = 24
     tolerance: float = DEFAULT_TOLERANCE  # for keep "auto" (kvforge methods only)
     allocations: list[str] = field(default_factory=lambda: ["uniform"])  # "pilot": kvforge.budget per head
+
+    def __post_init__(self) -> None:
+        self.allocations = check_allocations(self.allocations)  # kvforge.options.ALLOCATIONS
 
 
 def stored_bytes(compressed: CompressedKV, dtype: str = BuildConfig.dtype,

@@ -20,6 +20,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..options import check_keep
 from ..prefill import KV
 from ..ragged import CompressedKV
 
@@ -38,8 +39,7 @@ class Budget:
     head_totals: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
-        if not (0.0 < self.keep <= 1.0):
-            raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+        self.keep = check_keep(self.keep, auto=False)
 
     @staticmethod
     def uniform_heads(keep: float, layers: int, heads: int, tokens: int) -> "Budget":

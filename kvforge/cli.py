@@ -279,7 +279,7 @@ def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, again
     bytes per token, build time and time to first token. Rows go to
     OUT/rows.jsonl as they are made: rerun the same command to resume.
     """
-    from .evaluate import eval_config, evaluate
+    from .eval.session import eval_config, evaluate
 
     cfg = eval_config(methods=methods, keeps=keeps, tolerance=tolerance, allocations=allocations, tasks=tasks,
                       lengths=lengths, samples=samples, against=against, seed=seed, max_new_tokens=max_new_tokens)

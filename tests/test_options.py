@@ -74,7 +74,7 @@ def test_eval_config_refuses_an_unknown_allocation():
 
 
 def test_eval_options_are_checked_before_any_model_loads():
-    from kvforge.evaluate import eval_config
+    from kvforge.eval.session import eval_config
 
     good = dict(methods="knorm", keeps="0.5", tolerance=0.1, allocations="uniform", tasks=None, lengths="300",
                 samples=1, against="", seed=0, max_new_tokens=4)

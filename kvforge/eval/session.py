@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError
-from .options import check_tolerance, parse_allocations, parse_keeps, parse_list
+from ..errors import ConfigError
+from ..options import check_tolerance, parse_allocations, parse_keeps, parse_list
 
 
 def parse_against(value: str) -> list[str]:
     """``"kvpress"`` (its five presses) or ``"kvpress:Press1,Press2"`` -> press names, each made once to fail early."""
-    from .eval import kvpress_adapter
+    from . import kvpress_adapter
 
     if not value:
         return []
@@ -30,7 +30,7 @@ def parse_against(value: str) -> list[str]:
 
 def parse_kinds(value: str | None) -> list[str]:
     """Task kinds, comma-separated; ``None``: every kind."""
-    from .eval.tasks import KINDS
+    from .tasks import KINDS
 
     kinds = parse_list(value) if value else list(KINDS)
     unknown = set(kinds) - set(KINDS)
@@ -41,7 +41,7 @@ def parse_kinds(value: str | None) -> list[str]:
 
 def parse_methods(value: str) -> list[str]:
     """kvforge method specs, comma-separated (``sculpt:steps=20:blend=0.5``), each resolved once."""
-    from .methods import get_method
+    from ..methods import get_method
 
     specs = parse_list(value)
     for spec in specs:
@@ -52,7 +52,7 @@ def parse_methods(value: str) -> list[str]:
 def eval_config(*, methods: str, keeps: str, tolerance: float, allocations: str, tasks: str | None, lengths: str,
                 samples: int, against: str, seed: int, max_new_tokens: int):
     """The checked :class:`~kvforge.eval.runner.EvalConfig` of ``kvforge eval``'s option strings."""
-    from .eval.runner import EvalConfig
+    from .runner import EvalConfig
 
     presses = parse_against(against)
     kinds = parse_kinds(tasks)
@@ -70,9 +70,9 @@ def evaluate(cfg, out: str | Path, model=None, progress: bool = True) -> dict:
 
     The budget heat maps show every kvforge method at the smallest numeric keep (the first task's).
     """
-    from .eval.report import write_report
-    from .eval.runner import run
-    from .model import load_model
+    from .report import write_report
+    from .runner import run
+    from ..model import load_model
 
     lm = load_model(model)
     budgets: dict = {}

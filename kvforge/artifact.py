@@ -11,30 +11,25 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from . import options as _options
 from . import quantize as _quant
-from .errors import FormatError, IntegrityError, KvforgeError, UnsupportedVersionError
+from .containers import atomic_write_bytes, canonical_json, guard
+from .errors import FormatError, IntegrityError
+from .manifest import MANIFEST_KEY, MANIFEST_SHA_KEY, check_version, parse_manifest, validate, version_for
 from .ragged import CompressedKV
 
-FORMAT_NAME = "kvforge-artifact"
-FORMAT_VERSION = "1.1.0"  # the newest version this writer knows; files get the lowest one they need
-BASE_VERSION = "1.0.0"  # what an unquantized artifact is written as, so that 1.0 readers still read it
-READABLE_MAJORS = (1,)
-MANIFEST_KEY = "kvforge.manifest"
-MANIFEST_SHA_KEY = "kvforge.manifest_sha256"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# the storage dtypes and quantizations are named once, in kvforge.options; here their torch dtypes
+STORAGE_DTYPES = {name: getattr(torch, name) for name in _options.STORAGE_DTYPES}
 _ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32",
              torch.uint8: "U8"}
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = _options.QUANTIZATIONS
 
 
 @dataclass
@@ -49,10 +44,6 @@ class Artifact:
     @property
     def logical_length(self) -> int:
         return int(self.manifest["document"]["logical_length"])
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -71,11 +62,6 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
         return b""
     # view as bytes without converting (bfloat16 has no numpy dtype)
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
-def version_for(storage: dict) -> str:
-    """The lowest format version that describes a file with this ``storage`` (spec section 5)."""
-    return BASE_VERSION if storage.get("quantization", "none") == "none" else "1.1.0"
 
 
 def tensor_names(num_layers: int, has_beta: bool, quantization: str) -> set[str]:
@@ -137,7 +123,7 @@ def prepare(manifest: dict, kv: CompressedKV, where: str) -> tuple[dict, dict[st
     manifest["version"] = version_for(storage)
     storage["has_beta"] = kv.beta is not None
     manifest["tensors_sha256"] = tensor_digest(tensors)
-    _validate_manifest(manifest, where)
+    validate(manifest, where)
     check_version(manifest.get("version"), where)
     _check_tensors(tensors, manifest, f"refusing to write {where}")
     return manifest, tensors
@@ -179,71 +165,6 @@ def _sorted_metadata(data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact is a normal file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some filesystems cannot fsync a folder
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads(resources.files("kvforge").joinpath("schema/artifact-v1.schema.json").read_text())
-
-
-@lru_cache(maxsize=1)
-def _validator():
-    import jsonschema
-
-    base = jsonschema.Draft202012Validator
-    # JSON Schema counts 2.0 as an integer; the spec does not: counts and sizes are written as integers
-    checker = base.TYPE_CHECKER.redefine(
-        "integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool))
-    return jsonschema.validators.extend(base, type_checker=checker)(_schema())
-
-
-def _validate_manifest(manifest: dict, where: str) -> None:
-    errors = sorted(_validator().iter_errors(manifest), key=lambda e: list(e.path))
-    if errors:
-        e = errors[0]
-        field = ".".join(str(p) for p in e.path) or "(manifest)"
-        raise FormatError(f"{where}: manifest field {field}: {e.message}")
-    quantization = manifest["storage"]["quantization"]
-    if quantization != "none" and _minor(manifest["version"]) < 1:
-        raise FormatError(f"{where}: manifest field storage.quantization: {quantization!r} needs format version "
-                          f"1.1 or later, the file says {manifest['version']}")
-
-
-def _minor(version: str) -> int:
-    return int(version.split(".")[1])
-
-
 def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     """Read and check the header and manifest only. Returns (manifest, raw header, header end offset)."""
     path = Path(path)
@@ -281,39 +202,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
                           "missing); the file was altered or not written by kvforge")
     manifest = parse_manifest(meta.get(MANIFEST_KEY), meta.get(MANIFEST_SHA_KEY), str(path))
     return manifest, header, 8 + n
-
-
-def parse_manifest(text, digest, where: str) -> dict:
-    """The manifest from its canonical-JSON text and sha256, checked (digest, JSON, format, version, schema)."""
-    if not isinstance(text, str) or not isinstance(digest, str):
-        raise FormatError(f"{where}: {MANIFEST_KEY!r} / {MANIFEST_SHA_KEY!r} must be strings")
-    if hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != digest:
-        raise IntegrityError(f"{where}: the manifest does not match its sha256; the file is corrupt, rebuild it")
-    try:
-        manifest = json.loads(text, parse_constant=_no_constant)
-    except ValueError as exc:
-        raise FormatError(f"{where}: the manifest is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        found = manifest.get("format") if isinstance(manifest, dict) else manifest
-        raise FormatError(f"{where}: field format: expected {FORMAT_NAME!r}, found {found!r}")
-    check_version(manifest.get("version"), where)
-    _validate_manifest(manifest, where)
-    return manifest
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
-def check_version(version, where: str) -> None:
-    parts = str(version).split(".")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise FormatError(f"{where}: field version: expected MAJOR.MINOR.PATCH, found {version!r}")
-    if int(parts[0]) not in READABLE_MAJORS:
-        raise UnsupportedVersionError(
-            f"{where}: format version {version} is not supported; this kvforge reads "
-            f"{', '.join(f'{m}.x' for m in READABLE_MAJORS)}. Upgrade kvforge, or rebuild the artifact with this one"
-        )
 
 
 def read(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
@@ -464,26 +352,6 @@ def summarize(art: Artifact) -> dict:
         "kept_per_layer_head": art.kv.lengths.tolist(),
         "extra": comp.get("extra", {}),
     }
-
-
-# what hostile bytes can make a parser raise; converted to FormatError at the boundary
-FOREIGN_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError,
-                  AttributeError, RuntimeError, MemoryError)
-
-
-def guard(fn, what: str = "artifact"):
-    """Decorator for entry points: any non-kvforge exception from reading becomes a FormatError."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KvforgeError:
-            raise
-        except FOREIGN_ERRORS as exc:
-            raise FormatError(f"{args[0] if args else ''}: unreadable {what} ({type(exc).__name__}: {exc})") from exc
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
 
 
 read = guard(read)

@@ -16,8 +16,9 @@ from .errors import ConfigError
 AUTO = "auto"  # --keep auto: calibrated per document (kvforge.calibrate)
 ALLOCATIONS = ("uniform", "pilot")  # per-head budgets: the method's own split, or a pilot run's (kvforge.budget)
 FORMATS = ("kv", "zarr")  # build output: a folder of .kv files, or one zarr v3 library
-# The storage dtypes and quantizations the artifact writer knows (kvforge.artifact.STORAGE_DTYPES and
-# QUANTIZATIONS; tests/test_options.py checks that they agree), as plain names so that parsing imports no torch.
+# The storage dtypes and quantizations the artifact writer knows, as plain names so that parsing imports no
+# torch (kvforge.artifact maps them to torch dtypes, kvforge.quantize.SCHEMES to bits; tests/test_options.py
+# checks that every quantization has its bits).
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "int8", "int4")
 

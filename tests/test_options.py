@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from kvforge import artifact, options
+from kvforge import artifact, options, quantize
 from kvforge.errors import ConfigError
 from kvforge.methods import Budget
 
 
 def test_storage_names_agree_with_the_artifact_writer():
     assert set(options.STORAGE_DTYPES) == set(artifact.STORAGE_DTYPES)
-    assert options.QUANTIZATIONS == artifact.QUANTIZATIONS
+    assert all(artifact.STORAGE_DTYPES[name].is_floating_point for name in options.STORAGE_DTYPES)
+    assert set(quantize.SCHEMES) == set(options.QUANTIZATIONS)  # every quantization has its bits
 
 
 @pytest.mark.parametrize("keep, want", [("auto", "auto"), (" AUTO ", "auto"), ("0.5", 0.5), (1, 1.0)])

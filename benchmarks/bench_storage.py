@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
 
-from kvforge import artifact, zarr_store  # noqa: E402
+from kvforge import artifact, library  # noqa: E402
 from kvforge.calibrate import kl_divergence  # noqa: E402
 from kvforge.eval.tasks import generate  # noqa: E402
 from kvforge.manifest import make_manifest  # noqa: E402
@@ -90,9 +90,9 @@ def main() -> None:
                                              keep_requested=keep, quantization=quant)
                     kv_path, lib = tmp / f"{name}.kv", tmp / f"lib-{quant}.zarr"
                     kv_bytes = artifact.write(kv_path, manifest, compressed)
-                    zarr_bytes = zarr_store.write(lib, manifest, compressed)
+                    zarr_bytes = library.write(lib, manifest, compressed)
                     a = artifact.read(kv_path)
-                    z = zarr_store.read(lib, name)
+                    z = library.read(lib, name)
                     doc_a, doc_z = Doc(artifact=a, lm=lm), Doc(artifact=z, lm=lm)
                     la = doc_a.logits(task.question, ref, include_question=True)
                     lz = doc_z.logits(task.question, ref, include_question=True)
@@ -106,8 +106,8 @@ def main() -> None:
                             "task": task.id, "quant": quant, "kv_bytes": kv_bytes, "zarr_bytes": zarr_bytes,
                             "kv_verify_s": _load_time(lambda: artifact.read(kv_path, verify=True)),
                             "kv_noverify_s": _load_time(lambda: artifact.read(kv_path, verify=False)),
-                            "zarr_verify_s": _load_time(lambda: zarr_store.read(lib, name, verify=True)),
-                            "zarr_noverify_s": _load_time(lambda: zarr_store.read(lib, name, verify=False)),
+                            "zarr_verify_s": _load_time(lambda: library.read(lib, name, verify=True)),
+                            "zarr_noverify_s": _load_time(lambda: library.read(lib, name, verify=False)),
                         })
                     kv_path.unlink()
             print(f"{task.id}: done", flush=True)

@@ -732,13 +732,13 @@ def m_zip_cd_field(data: bytes, rng: random.Random) -> bytes:
 
 def refix_zip_digest(data: bytes, group: str) -> bytes | None:
     """Re-fix one document's tensors_sha256 (and manifest sha256) after a chunk edit, when its arrays decode."""
-    from kvforge import artifact, zarr_store
+    from kvforge import artifact, library
 
     try:
         with tempfile.NamedTemporaryFile(suffix=".zarr.zip") as fh:
             fh.write(data)
             fh.flush()
-            with zarr_store.open_library(fh.name) as lib:
+            with library.open_library(fh.name) as lib:
                 manifest, meta = lib.group(group)
                 _, tensors, _ = lib.read_stored(manifest["document"]["id"])
         digest = artifact.tensor_digest(tensors)
@@ -785,7 +785,7 @@ def mutate(data: bytes, kind: str, rng: random.Random) -> tuple[str, bytes]:
 # --------------------------------------------------------------------------- running the readers
 def read_input(path: Path, kind: str) -> list[tuple[str, object]]:
     """Call the reader(s) on one input: [(call, result or exception)], exceptions caught, ``Hang`` not."""
-    from kvforge import artifact, zarr_store
+    from kvforge import artifact, library
 
     def call(label, fn, *args):
         try:
@@ -797,12 +797,12 @@ def read_input(path: Path, kind: str) -> list[tuple[str, object]]:
     if kind == "kv":
         call("read", artifact.read, path)
         return results
-    call("list_ids", zarr_store.list_ids, path)
+    call("list_ids", library.list_ids, path)
     ids = results[0][1]
     if isinstance(ids, list):
         for doc_id in ids:
-            call(f"read[{doc_id!r}]" if isinstance(doc_id, str) else "read[?]", zarr_store.read, path, doc_id)
-    call("read[None]", zarr_store.read, path, None)
+            call(f"read[{doc_id!r}]" if isinstance(doc_id, str) else "read[?]", library.read, path, doc_id)
+    call("read[None]", library.read, path, None)
     return results
 
 

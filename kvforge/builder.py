@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import artifact as _artifact
-from . import zarr_store
+from . import library
+from .containers import atomic_write_bytes, canonical_json
 from .budget import allocate as pilot_allocation
 from .calibrate import DEFAULT_TOLERANCE, CalibrationConfig, calibrate, summarize_keeps
 from .corpus import Document, load_corpus
@@ -75,7 +76,7 @@ class BuildConfig:
                            allocate=allocate)
 
     def digest(self) -> str:
-        return hashlib.sha256(_artifact.canonical_json(asdict(self)).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(asdict(self)).encode()).hexdigest()
 
 
 def build_document(lm: LoadedModel, document: Document, config: BuildConfig,
@@ -158,7 +159,7 @@ def _read_library(out: Path) -> dict:
 def _write_library(out: Path, entries: dict[str, dict]) -> None:
     data = {"format": LIBRARY_FORMAT, "version": LIBRARY_VERSION,
             "documents": [entries[k] for k in sorted(entries)]}
-    _artifact.atomic_write_bytes(out / LIBRARY_FILE, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(out / LIBRARY_FILE, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _entry_is_current(entry: dict | None, document: Document, config: BuildConfig, lm: LoadedModel) -> bool:
@@ -202,12 +203,12 @@ class _ZarrSink:
     """One zarr v3 library (``out.zarr``): a group per document, each swapped in atomically."""
 
     def __init__(self, out: Path):
-        zarr_store.create(out)
+        library.create(out)
         self.out = out
 
     def current(self, document: Document, config: BuildConfig, lm: LoadedModel) -> dict | None:
         try:  # one zarr.json read; a missing document is a FormatError like a damaged one
-            with zarr_store.open_library(self.out) as lib:
+            with library.open_library(self.out) as lib:
                 manifest, entry = lib.manifest_and_build(document.id)
         except FormatError:
             return None
@@ -216,7 +217,7 @@ class _ZarrSink:
 
     def write(self, document: Document, manifest: dict, compressed: CompressedKV, entry: dict) -> dict:
         entry = entry | {"file": document.id}
-        nbytes = zarr_store.write(self.out, manifest, compressed, build_entry=entry | {"bytes": 0})
+        nbytes = library.write(self.out, manifest, compressed, build_entry=entry | {"bytes": 0})
         return entry | {"bytes": nbytes}
 
     def finish(self) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import artifact as _artifact
-from . import zarr_store
+from . import library
+from .containers import atomic_write_bytes
 from .errors import ConfigError, FormatError
 
 
@@ -51,20 +52,20 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, doc_id: str | None =
     if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
         raise ConfigError(f"{dst} exists; remove it or pass --overwrite")
     report = ConvertReport(source=str(src), dest=str(dst))
-    if zarr_store.is_library(src):
-        ids = [doc_id] if doc_id else zarr_store.list_ids(src)
+    if library.is_library(src):
+        ids = [doc_id] if doc_id else library.list_ids(src)
         if dst.suffix in (".zarr", ".zip"):
-            stored = [zarr_store.read_stored(src, i) for i in ids]
+            stored = [library.read_stored(src, i) for i in ids]
             _write_library(dst, stored, report)
         else:
             for i in ids:
-                manifest, tensors, nbytes = zarr_store.read_stored(src, i)
+                manifest, tensors, nbytes = library.read_stored(src, i)
                 _artifact.from_tensors(tensors, manifest, f"{src}:{i}")  # verify before writing anything
-                target = dst if dst.suffix == ".kv" else dst / f"{zarr_store.group_name(i)}.kv"
+                target = dst if dst.suffix == ".kv" else dst / f"{library.group_name(i)}.kv"
                 if dst.suffix == ".kv" and len(ids) != 1:
                     raise ConfigError(f"{src} holds {len(ids)} documents; convert into a folder, or pass --doc")
                 data = _artifact.encode(manifest, tensors)
-                _artifact.atomic_write_bytes(target, data)
+                atomic_write_bytes(target, data)
                 report.documents.append(i)
                 report.bytes_in += nbytes
                 report.bytes_out += len(data)
@@ -84,13 +85,13 @@ def _write_library(dst: Path, stored: list[tuple[dict, dict, int]], report: Conv
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
             folder = Path(tmp) / "lib.zarr"
             _write_library(folder, stored, ConvertReport(source=report.source, dest=str(folder)))
-            report.documents = zarr_store.list_ids(folder)
+            report.documents = library.list_ids(folder)
             report.bytes_in = sum(n for _, _, n in stored)
-            report.bytes_out = zarr_store.pack(folder, dst)
+            report.bytes_out = library.pack(folder, dst)
         return
-    if dst.exists() and zarr_store.is_library(dst):
+    if dst.exists() and library.is_library(dst):
         shutil.rmtree(dst)  # overwrite was asked for
     for manifest, tensors, nbytes in stored:
-        report.bytes_out += zarr_store.write_stored(dst, manifest, tensors)
+        report.bytes_out += library.write_stored(dst, manifest, tensors)
         report.bytes_in += nbytes
         report.documents.append(manifest["document"]["id"])

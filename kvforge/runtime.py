@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import artifact as _artifact
-from . import zarr_store as _zarr
+from . import library as _library
 from .attention import RaggedCache, use_ragged_attention
 from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError, ResourceLimitError
 from .manifest import make_manifest
@@ -290,9 +290,9 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
     """
     t0 = time.perf_counter()
     doc_id = doc  # the public keyword names the document by its id
-    library = _zarr.is_library(path)
+    library = _library.is_library(path)
     if library:
-        doc_id, manifest = _zarr.read_manifest(path, doc_id)
+        doc_id, manifest = _library.read_manifest(path, doc_id)
         where = f"{path}:{doc_id}"
     else:
         if doc_id is not None:
@@ -302,7 +302,7 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
         where = str(path)
     lm = resolve_model_for(manifest, model)
     check_model(manifest, lm, where)
-    art = _zarr.read(path, doc_id, verify=verify) if library else _artifact.read(path, verify=verify)
+    art = _library.read(path, doc_id, verify=verify) if library else _artifact.read(path, verify=verify)
     loaded = Doc(artifact=art, lm=lm)
     loaded.load_s = time.perf_counter() - t0
     return loaded

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import artifact as _artifact
-from . import zarr_store
+from . import library
 from .errors import KvforgeError
 
 
@@ -19,9 +19,9 @@ def verify_paths(paths) -> list[dict]:
     results = []
     for raw in paths:
         path = Path(raw)
-        if zarr_store.is_library(path):
+        if library.is_library(path):
             try:
-                checked = zarr_store.check_each(path)
+                checked = library.check_each(path)
             except KvforgeError as exc:
                 results.append(_result(str(path), None, exc))
                 continue
@@ -46,12 +46,12 @@ def describe(path, doc_id: str | None = None, verify: bool = True) -> dict:
 
     A library of several documents without ``doc_id`` gives ``{"library": path, "documents": [ids]}``.
     """
-    if zarr_store.is_library(path):
+    if library.is_library(path):
         if doc_id is None:
-            ids = zarr_store.list_ids(path)
+            ids = library.list_ids(path)
             if len(ids) != 1:
                 return {"library": str(path), "documents": ids}
-        return _artifact.summarize(zarr_store.read(path, doc_id, verify=verify))
+        return _artifact.summarize(library.read(path, doc_id, verify=verify))
     return _artifact.summarize(_artifact.read(path, verify=verify))
 
 

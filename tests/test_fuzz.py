@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvforge import artifact, zarr_store
+from kvforge import artifact, library
 from kvforge.errors import FormatError, IntegrityError, KvforgeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,18 +92,18 @@ def read_library(path: Path) -> dict:
     found = {}
     with hang_guard():
         try:
-            found["ids"] = zarr_store.list_ids(path)
+            found["ids"] = library.list_ids(path)
         except KvforgeError as exc:
             found["ids"] = exc
         if isinstance(found["ids"], list):
             assert all(isinstance(i, str) for i in found["ids"])
             for doc_id in found["ids"]:
                 try:
-                    found[doc_id] = zarr_store.read(path, doc_id)
+                    found[doc_id] = library.read(path, doc_id)
                 except KvforgeError as exc:
                     found[doc_id] = exc
         try:
-            zarr_store.read(path, None)  # several documents: refused, but only ever with a KvforgeError
+            library.read(path, None)  # several documents: refused, but only ever with a KvforgeError
         except KvforgeError:
             pass
     return found
@@ -258,7 +258,7 @@ def test_library_zarr_json_field_replaced_by_any_json_value(tmp_path, member, da
         assert isinstance(found["ids"], FormatError)
     if member != "zarr.json" and isinstance(found["ids"], list):
         # reading one document never depends on another's group
-        untouched = [i for i in LIBRARY_IDS if zarr_store.group_name(i) != member.split("/")[0]]
+        untouched = [i for i in LIBRARY_IDS if library.group_name(i) != member.split("/")[0]]
         assert all(isinstance(found.get(i), artifact.Artifact) for i in untouched), found
 
 
@@ -268,7 +268,7 @@ def test_library_zarr_json_field_replaced_by_any_json_value(tmp_path, member, da
 def test_zip_entry_escaping_the_library_is_refused(tmp_path, name):
     path = tmp_path / "lib.zarr.zip"
     path.write_bytes(library_with({}, extra=[(name, b"{}")]))
-    for call in (lambda: zarr_store.list_ids(path), lambda: zarr_store.read(path, "golden-d")):
+    for call in (lambda: library.list_ids(path), lambda: library.read(path, "golden-d")):
         with pytest.raises(FormatError, match="absolute or escaping"):
             call()
 
@@ -277,7 +277,7 @@ def test_zip_entry_escaping_the_library_is_refused(tmp_path, name):
 def test_zip_entry_named_twice_is_refused(tmp_path, name):
     path = tmp_path / "lib.zarr.zip"
     path.write_bytes(library_with({}, extra=[(name, dict(MEMBERS)[name])]))
-    for call in (lambda: zarr_store.list_ids(path), lambda: zarr_store.read(path, "golden-e")):
+    for call in (lambda: library.list_ids(path), lambda: library.read(path, "golden-e")):
         with pytest.raises(FormatError, match="twice"):
             call()
 
@@ -286,7 +286,7 @@ def test_deflated_zip_entry_is_refused(tmp_path):
     path = tmp_path / "lib.zarr.zip"
     path.write_bytes(library_with({}, compressed=frozenset(["golden-d/keys/c/0/0"])))
     with pytest.raises(FormatError, match="compressed"):
-        zarr_store.list_ids(path)
+        library.list_ids(path)
 
 
 def _claim(manifest: dict, **fields) -> dict:
@@ -334,7 +334,7 @@ def test_library_document_claiming_a_huge_shape_is_refused_cheaply(tmp_path):
     tracemalloc.start()
     try:
         with hang_guard(), pytest.raises(FormatError, match="shape"):
-            zarr_store.read(path, "golden-d")
+            library.read(path, "golden-d")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -381,9 +381,9 @@ def test_zstd_bomb_chunk_is_refused(tmp_path, bomb):
     peak = fuzz.PeakRss()
     peak.reset()
     with hang_guard(), pytest.raises(FormatError):
-        zarr_store.read(path, "golden-d")
+        library.read(path, "golden-d")
     assert peak.growth() < 64 * 1024, f"peak RSS grew by {peak.growth()} KiB"
-    assert isinstance(zarr_store.read(path, "golden-e"), artifact.Artifact)  # the other documents still read
+    assert isinstance(library.read(path, "golden-e"), artifact.Artifact)  # the other documents still read
 
 
 def test_chunk_with_a_bad_crc32c_is_an_integrity_error(tmp_path):
@@ -393,7 +393,7 @@ def test_chunk_with_a_bad_crc32c_is_an_integrity_error(tmp_path):
     path = tmp_path / "lib.zarr.zip"
     path.write_bytes(library_with({chunk: bytes(raw)}))
     with hang_guard(), pytest.raises(IntegrityError, match="crc32c"):
-        zarr_store.read(path, "golden-e")
+        library.read(path, "golden-e")
 
 
 def test_zip_entry_with_a_lying_compressed_size_is_refused_or_read_cheaply(tmp_path):
@@ -406,7 +406,7 @@ def test_zip_entry_with_a_lying_compressed_size_is_refused_or_read_cheaply(tmp_p
     try:
         with hang_guard():
             try:
-                zarr_store.list_ids(path)
+                library.list_ids(path)
             except KvforgeError:
                 pass
         peak = tracemalloc.get_traced_memory()[1]

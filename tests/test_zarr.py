@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 import kvforge
-from kvforge import artifact, quantize, zarr_store
+from kvforge import artifact, library, quantize
 from kvforge.cli import cli
 from kvforge.errors import FormatError, IntegrityError, KvforgeError, UnsupportedVersionError
 from kvforge.ragged import CompressedKV
@@ -195,14 +195,14 @@ def test_golden_v11_reads_and_the_writer_reproduces_it(name, tmp_path):
 
 def test_golden_library_reads_and_matches_its_kv_twins():
     lib = GOLDEN_11 / MG11.LIBRARY
-    ids = zarr_store.list_ids(lib)
+    ids = library.list_ids(lib)
     assert ids == sorted(["golden-d", "golden-e", "golden/a.txt"])
     twins = {"golden/a.txt": GOLDEN_10 / "f16_nobeta_L2_H2_D4_T6.kv",
              "golden-d": GOLDEN_11 / "int8_f16_L2_H2_D4_T6.kv", "golden-e": GOLDEN_11 / "int4_f32_beta_L1_H3_D2_T4.kv"}
     for doc_id, twin in twins.items():
-        manifest, tensors, _ = zarr_store.read_stored(lib, doc_id)
+        manifest, tensors, _ = library.read_stored(lib, doc_id)
         assert artifact.encode(manifest, tensors) == twin.read_bytes()  # lossless, byte for byte
-        a, b = zarr_store.read(lib, doc_id), artifact.read(twin)
+        a, b = library.read(lib, doc_id), artifact.read(twin)
         assert a.manifest == b.manifest
         assert all(torch.equal(x, y) for x, y in zip(a.kv.keys, b.kv.keys))
 
@@ -212,7 +212,7 @@ def test_zarr_python_reads_the_golden_library():
     store = zarr.storage.ZipStore(str(GOLDEN_11 / MG11.LIBRARY), mode="r")
     group = zarr.open_group(store, mode="r")
     keys = group["golden-d"]["keys"][:]
-    _, tensors, _ = zarr_store.read_stored(GOLDEN_11 / MG11.LIBRARY, "golden-d")
+    _, tensors, _ = library.read_stored(GOLDEN_11 / MG11.LIBRARY, "golden-d")
     flat = torch.cat([tensors["layer.0.keys"], tensors["layer.1.keys"]])
     assert keys.dtype.name == "uint8" and (keys == flat.numpy()).all()
     attrs = group["golden-d"].attrs["kvforge"]
@@ -223,7 +223,7 @@ def test_zarr_python_reads_the_golden_library():
 def _lib_with(tmp_path, kvs: dict[str, CompressedKV], quant="none") -> Path:
     lib = tmp_path / "lib.zarr"
     for doc_id, kv in kvs.items():
-        zarr_store.write(lib, _manifest(kv, 40, doc_id=doc_id, quant=quant), kv)
+        library.write(lib, _manifest(kv, 40, doc_id=doc_id, quant=quant), kv)
     return lib
 
 
@@ -231,56 +231,56 @@ def _lib_with(tmp_path, kvs: dict[str, CompressedKV], quant="none") -> Path:
 def test_library_round_trip_equals_the_kv_file(tmp_path, quant):
     kv = _random_kv(beta=True)
     lib = _lib_with(tmp_path, {"doc-1": kv, "odd id/ü": _random_kv(seed=1)}, quant)
-    assert zarr_store.list_ids(lib) == ["doc-1", "odd id/ü"]
+    assert library.list_ids(lib) == ["doc-1", "odd id/ü"]
     kvfile = tmp_path / "doc-1.kv"
     artifact.write(kvfile, _manifest(kv, 40, quant=quant), kv)
-    a, b = zarr_store.read(lib, "doc-1"), artifact.read(kvfile)
+    a, b = library.read(lib, "doc-1"), artifact.read(kvfile)
     assert a.manifest == b.manifest
     for layer in range(3):
         assert torch.equal(a.kv.keys[layer], b.kv.keys[layer]) and torch.equal(a.kv.values[layer], b.kv.values[layer])
         assert torch.equal(a.kv.beta[layer], b.kv.beta[layer])
-    manifest, tensors, _ = zarr_store.read_stored(lib, "doc-1")
+    manifest, tensors, _ = library.read_stored(lib, "doc-1")
     assert artifact.encode(manifest, tensors) == kvfile.read_bytes()
-    assert zarr_store.read(lib, "odd id/ü").manifest["document"]["id"] == "odd id/ü"
+    assert library.read(lib, "odd id/ü").manifest["document"]["id"] == "odd id/ü"
 
 
 def test_library_reads_one_document_without_the_others(tmp_path):
     lib = _lib_with(tmp_path, {"a": _random_kv(seed=1), "b": _random_kv(seed=2)})
     shutil.rmtree(lib / "b" / "keys")  # another document is damaged: "a" still loads
-    assert zarr_store.read(lib, "a").manifest["document"]["id"] == "a"
+    assert library.read(lib, "a").manifest["document"]["id"] == "a"
     with pytest.raises(FormatError, match="arrays|missing"):
-        zarr_store.read(lib, "b")
+        library.read(lib, "b")
 
 
 def test_library_rewrite_replaces_a_document(tmp_path):
     lib = _lib_with(tmp_path, {"a": _random_kv(seed=1)})
-    zarr_store.write(lib, _manifest(_random_kv(seed=5), 40, doc_id="a"), _random_kv(seed=5))
-    assert torch.equal(zarr_store.read(lib, "a").kv.keys[1], _random_kv(seed=5).keys[1].half())
+    library.write(lib, _manifest(_random_kv(seed=5), 40, doc_id="a"), _random_kv(seed=5))
+    assert torch.equal(library.read(lib, "a").kv.keys[1], _random_kv(seed=5).keys[1].half())
     assert not (lib / ".staging").exists()
 
 
 def test_library_errors(tmp_path):
     lib = _lib_with(tmp_path, {"a": _random_kv(seed=1), "b": _random_kv(seed=2)})
     with pytest.raises(KvforgeError, match="holds 2 documents"):
-        zarr_store.read(lib)
+        library.read(lib)
     with pytest.raises(KvforgeError, match="no document 'c'"):
-        zarr_store.read(lib, "c")
+        library.read(lib, "c")
     meta = json.loads((lib / "zarr.json").read_text())
     meta["attributes"]["kvforge"]["version"] = "2.0.0"
     (lib / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(UnsupportedVersionError, match="2.0.0"):
-        zarr_store.read(lib, "a")
+        library.read(lib, "a")
     meta["attributes"] = {}
     (lib / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(FormatError, match="not a kvforge library"):
-        zarr_store.read(lib, "a")
+        library.read(lib, "a")
     other = tmp_path / "notempty"
     other.mkdir()
     (other / "x.txt").write_text("mine")
     with pytest.raises(FormatError, match="non-empty folder"):
-        zarr_store.create(other)
+        library.create(other)
     with pytest.raises(FormatError, match="read-only"):
-        zarr_store.create(tmp_path / "x.zarr.zip")
+        library.create(tmp_path / "x.zarr.zip")
 
 
 def _rewrite_json(path: Path, edit) -> None:
@@ -305,7 +305,7 @@ def test_hostile_group_metadata_is_refused(tmp_path, edit, match):
     lib = _lib_with(tmp_path, {"a": _random_kv()})
     _rewrite_json(lib / "a" / "zarr.json", edit)
     with pytest.raises(FormatError, match=match):
-        zarr_store.read(lib, "a")
+        library.read(lib, "a")
 
 
 def test_a_fifo_planted_in_a_library_folder_is_refused_not_waited_on(tmp_path):
@@ -314,7 +314,7 @@ def test_a_fifo_planted_in_a_library_folder_is_refused_not_waited_on(tmp_path):
     chunk.unlink()
     os.mkfifo(chunk)
     with pytest.raises(FormatError, match="not a regular file|missing|stored"):
-        zarr_store.read(lib, "a")
+        library.read(lib, "a")
 
 
 def test_corrupt_chunk_is_caught_by_its_checksum(tmp_path):
@@ -324,9 +324,9 @@ def test_corrupt_chunk_is_caught_by_its_checksum(tmp_path):
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="crc32c"):
-        zarr_store.read(lib, "a")
+        library.read(lib, "a")
     # verify reports the failure and keeps going with the other documents
-    zarr_store.write(lib, _manifest(_random_kv(seed=3), 40, doc_id="b"), _random_kv(seed=3))
+    library.write(lib, _manifest(_random_kv(seed=3), 40, doc_id="b"), _random_kv(seed=3))
     r = run("verify", lib, "--json")
     assert r.exit_code == 1
     report = json.loads(r.output)
@@ -345,8 +345,8 @@ def test_a_chunk_that_decodes_to_other_data_fails_the_digest(tmp_path):
     new = zstandard.ZstdCompressor(write_content_size=True).compress(body)
     chunk.write_bytes(new + google_crc32c.value(new).to_bytes(4, "little"))
     with pytest.raises(IntegrityError, match="tensors_sha256"):
-        zarr_store.read(lib, "a")
-    assert zarr_store.read(lib, "a", verify=False).manifest["document"]["id"] == "a"  # the opt-out
+        library.read(lib, "a")
+    assert library.read(lib, "a", verify=False).manifest["document"]["id"] == "a"  # the opt-out
 
 
 def _zip_with(tmp_path, extra: list[tuple[str, bytes]], compress=zipfile.ZIP_STORED) -> Path:
@@ -364,7 +364,7 @@ def _zip_with(tmp_path, extra: list[tuple[str, bytes]], compress=zipfile.ZIP_STO
 def test_zip_path_tricks_are_refused(tmp_path, name):
     path = _zip_with(tmp_path, [(name, b"{}")])
     with pytest.raises(FormatError, match="absolute or escaping"):
-        zarr_store.list_ids(path)
+        library.list_ids(path)
 
 
 def test_zip_duplicate_and_compressed_entries_are_refused(tmp_path):
@@ -374,10 +374,10 @@ def test_zip_duplicate_and_compressed_entries_are_refused(tmp_path):
         warnings.simplefilter("ignore")  # zipfile warns about the duplicate it is asked to write
         path = _zip_with(tmp_path, [("golden-d/zarr.json", b"{}")])
     with pytest.raises(FormatError, match="appears twice"):
-        zarr_store.read(path, "golden-d")
+        library.read(path, "golden-d")
     path = _zip_with(tmp_path, [], compress=zipfile.ZIP_DEFLATED)
     with pytest.raises(FormatError, match="compressed"):
-        zarr_store.read(path, "golden-d")
+        library.read(path, "golden-d")
 
 
 # --------------------------------------------------------------------------- convert
@@ -462,9 +462,9 @@ def _build_cmd(src: Path, lib: Path, model: Path) -> list[str]:
 
 def _check_library(lib: Path) -> list[str]:
     """Every listed document loads and verifies; nothing half-written is listed."""
-    ids = zarr_store.list_ids(lib)
+    ids = library.list_ids(lib)
     for doc_id in ids:
-        zarr_store.read(lib, doc_id, verify=True)
+        library.read(lib, doc_id, verify=True)
     return ids
 
 
@@ -477,9 +477,9 @@ def test_sigkill_leaves_a_library_that_loads_and_resumes(tmp_path, tiny_llama):
         proc = subprocess.Popen(_build_cmd(src, lib, tiny_llama), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
-        start = len(zarr_store.list_ids(lib)) if lib.exists() else 0
+        start = len(library.list_ids(lib)) if lib.exists() else 0
         while time.time() < deadline and proc.poll() is None:
-            if lib.exists() and (lib / "zarr.json").exists() and len(zarr_store.list_ids(lib)) > start:
+            if lib.exists() and (lib / "zarr.json").exists() and len(library.list_ids(lib)) > start:
                 time.sleep(delay)
                 break
             time.sleep(0.02)

@@ -1,16 +1,15 @@
 """Hostile input for the readers: every file gives a loaded artifact or a ``KvforgeError``.
 
-A fast seeded subset of ``benchmarks/fuzz.py`` (the 10,000-input run lives there),
-hypothesis properties on arbitrary and mutated files, and explicit attacks: zip
-entries that escape the library, repeat or are compressed; manifests that claim a
-huge shape; zstd bombs. Helpers (mutators, zip rebuilds, digest re-fixing) come
-from the benchmark script, imported by path.
+A fast seeded subset of the fuzzer in ``tests/fuzzing.py`` (its 10,000-input run is
+``benchmarks/fuzz.py``), hypothesis properties on arbitrary and mutated files, and
+explicit attacks: zip entries that escape the library, repeat or are compressed;
+manifests that claim a huge shape; zstd bombs. Helpers (mutators, zip rebuilds,
+digest re-fixing) come from ``tests/fuzzing.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import random
 import signal
@@ -24,20 +23,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fuzzing as fuzz  # tests/fuzzing.py: pytest puts this folder on sys.path
 from kvforge import artifact, library
 from kvforge.errors import FormatError, IntegrityError, KvforgeError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _load_fuzz():
-    spec = importlib.util.spec_from_file_location("kvforge_bench_fuzz", ROOT / "benchmarks" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
 GOLDENS = fuzz.goldens()
 KV_GOLDENS = sorted(name for name in GOLDENS if name.endswith(".kv"))
 LIBRARY = "v1.1.0/library.zarr.zip"

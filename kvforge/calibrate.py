@@ -16,7 +16,7 @@ forward per probe over the ragged cache (logits only on the answer rows).
 The probes are not concatenated into one forward: in a repetitive document
 a later probe's answer can be copied from an earlier probe's quoted text
 instead of from the cache, which hid compression damage (measured in
-BENCHMARKS.md, section 4).
+docs/experiments/calibration.md).
 Candidates are searched by bisection on a grid (the proxy falls as the keep
 grows), so about log2(len(grid)) of them.
 """
@@ -35,7 +35,7 @@ from .prefill import KV
 from .ragged import CompressedKV
 from .runtime import Doc
 
-GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)  # floor 0.1: BENCHMARKS.md, section 4
+GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0)  # floor 0.1: docs/experiments/calibration.md
 DEFAULT_TOLERANCE = 0.1
 
 

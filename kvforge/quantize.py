@@ -13,7 +13,7 @@ Integer codes in ``[0, 2**bits - 1]``, grouped as in KIVI (Liu et al., 2024):
 * values, symmetric, one scale per entry (token) over its ``head_dim`` channels:
   ``x ~= (code - 2**(bits-1)) * scale`` with ``scale = max|x| / (2**(bits-1) - 1)``.
 
-Measured on the embedded model (BENCHMARKS.md, "Storage"): symmetric per-token
+Measured on the embedded model (docs/experiments/storage.md): symmetric per-token
 values cost no more KL than asymmetric ones (int4, keep 0.1: 0.460 vs 0.474) for
 half the per-entry overhead, and float16 key scales the same as float32.
 

@@ -25,7 +25,7 @@ Both are z-scored per layer over all its heads, blended as
 heads get different budgets. The protected sink and tail tokens are left out
 of both scores.
 
-Defaults were measured, not guessed (BENCHMARKS.md, "Compactor tuning"):
+Defaults were measured, not guessed (docs/experiments/compactor.md):
 on 2048-token needle tasks with the embedded model, against 512-token
 leverage chunks with ridge 1e-2 and 256-token attention chunks, the
 whole-document leverage with ridge 1e-4, 512-token attention chunks and a

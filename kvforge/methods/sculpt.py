@@ -2,7 +2,7 @@
 
 Starting from the best selection measured (by default select_fit's attention
 mass over the reference queries blended with the compactor's score and the
-surprisal prior, all z-scored: BENCHMARKS.md, section 9) with least-squares
+surprisal prior, all z-scored: docs/experiments/fitting-and-presses.md, section 9) with least-squares
 values, every head's
 ``m`` compact keys (and, with ``beta``, an additive attention bias per key;
 keys are off by default) are optimized with L-BFGS so that the reference queries

@@ -5,7 +5,7 @@
    keep the top entries per layer (or per head, with a pilot allocation), plus
    sink and recent tokens. With ``blend > 0`` the ranking is the z-scored log
    attention mass plus ``blend`` times the compactor's (z-scored) score: the two
-   selections fail on different documents (BENCHMARKS.md, section 9). With
+   selections fail on different documents (docs/experiments/fitting-and-presses.md, section 9). With
    ``surprisal > 0`` it also adds that weight times a token prior, the same for
    every layer and head: each token's surprisal under the model (-log p of the
    token given the ones before it), averaged over a window of
@@ -84,7 +84,7 @@ class SelectFit(ScoredCompressor):
 
         The logits, the softmax and each block's sum over queries run in ``score_dtype`` (the blocks
         accumulate in float32). bfloat16 scores a 2048-token document 2.4x faster on this CPU and
-        changes 0.1-0.3% of the kept entries at keeps 0.7-0.1, near-ties (BENCHMARKS.md, section 9
+        changes 0.1-0.3% of the kept entries at keeps 0.7-0.1, near-ties (docs/experiments/fitting-and-presses.md, section 9
         cost table); on a CPU without bfloat16 instructions ``float32`` may be the faster choice.
         """
         ref = self.reference(kv, ctx, self.score_samples)

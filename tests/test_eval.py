@@ -56,3 +56,47 @@ def test_eval_keep_auto(tmp_path, tiny_llama):
     assert (tmp_path / "ev" / "calibrated_keeps.png").exists()
     bad = CliRunner().invoke(cli, ["eval", "--keep", "0.5,most", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a number" in bad.output
+
+
+def test_the_wider_suite_splits_text_and_wording(tiny_llama):
+    from kvforge.eval import phrasings, sources
+
+    lm = load_model(tiny_llama)
+    present = [s for s in sources.SOURCES if sources.SOURCES[s].keys()]
+    assert {"python-reference", "python-docstrings", "licenses"} <= set(present)  # Python and Debian base-files
+    tasks = generate(lm.tokenizer, ["niah_number", "niah_multihop", "niah_multiquery"], lengths=[300], samples=2,
+                     seed=1, sources=present)
+    for t in tasks:
+        assert t.split == sources.SOURCES[t.source].split and t.phrasings == t.split
+        assert all(a in t.context for a in t.answers), t.id
+    held = [t for t in tasks if t.split == "heldout"]
+    tuned = [t for t in tasks if t.split == "tuning"]
+    assert held and tuned
+    # nothing held out was seen while tuning: neither a key nor a wording
+    assert not {k.lower() for k in phrasings.HELDOUT_KEYS} & {k.lower() for k in phrasings.TUNING_KEYS}
+    assert not {p.statement for p in phrasings.HELDOUT} & {p.statement for p in phrasings.TUNING}
+    for t in held:
+        assert "magic code" not in t.question and "secret number" not in t.question
+
+
+def test_the_first_suite_is_unchanged(tiny_llama):
+    """Without --sources / --split the tasks are the first suite's: classic wording over the language reference."""
+    lm = load_model(tiny_llama)
+    for t in generate(lm.tokenizer, ["niah_number", "niah_multivalue"], lengths=[300], samples=1, seed=0):
+        assert t.id in ("niah_number-300-0-0", "niah_multivalue-300-0-0") and t.split == "tuning"
+        assert "special magic code" in t.question
+
+
+def test_eval_reports_per_split(tmp_path, tiny_llama):
+    args = ["eval", "--methods", "knorm", "--keep", "0.5", "--tasks", "niah_number", "--sources",
+            "python-reference,licenses", "--lengths", "300", "--samples", "1", "--max-new-tokens", "3",
+            "--model", str(tiny_llama), "--out", str(tmp_path / "ev"), "--no-progress", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert set(summary["splits"]) == {"tuning", "heldout"}
+    assert set(summary["splits"]["heldout"]) == {"all", "licenses"}
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "## heldout split" in report and "### tuning: python-reference" in report
+    bad = CliRunner().invoke(cli, args[:-2] + ["--split", "heldout", "--json"])
+    assert bad.exit_code != 0 and "not both" in bad.output

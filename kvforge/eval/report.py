@@ -139,9 +139,38 @@ def plots(summary: dict, out: Path, budgets: dict | None = None) -> list[str]:
     return made
 
 
+def by_split(rows: list[dict]) -> dict:
+    """{split: {source: summary}}: a table per text source, under its split (tuning / heldout), plus ``all``
+    per split; empty when every row comes from one source (the report's main table says it all)."""
+    sources = sorted({r.get("source", "python-reference") for r in rows})
+    if len(sources) < 2:
+        return {}
+    out: dict = {}
+    for split in sorted({r.get("split", "tuning") for r in rows}):
+        part = [r for r in rows if r.get("split", "tuning") == split]
+        out[split] = {"all": summarize(part)} | {
+            src: summarize([r for r in part if r.get("source") == src])
+            for src in sorted({r.get("source") for r in part})}
+    return out
+
+
+def split_markdown(splits: dict) -> str:
+    lines = []
+    for split, per_source in splits.items():
+        names = [s for s in per_source if s != "all"]
+        lines += ["", f"## {split} split ({'defaults are chosen here' if split == 'tuning' else 'report these'}): "
+                  f"{', '.join(names)}", "", markdown(per_source["all"]).split("\n\n")[0]]
+        for src in names:
+            lines += ["", f"### {split}: {src}", "", markdown(per_source[src]).split("\n\n")[0]]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(rows: list[dict], out: Path, budgets: dict | None = None) -> dict:
     summary = summarize(rows)
+    splits = by_split(rows)
+    if splits:
+        summary["splits"] = splits
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(markdown(summary))
+    (out / "report.md").write_text(markdown(summary) + (split_markdown(splits) if splits else ""))
     summary["plots"] = plots(summary, out, budgets)
     return summary

@@ -38,6 +38,8 @@ from ..options import check_allocations
 from ..prefill import prefill
 from ..ragged import CompressedKV
 from ..runtime import Doc
+from .phrasings import check_phrasings
+from .sources import check_sources
 from .tasks import CONTINUATION_TOKENS, KINDS, generate
 
 
@@ -53,9 +55,14 @@ class EvalConfig:
     max_new_tokens: int = 24
     tolerance: float = DEFAULT_TOLERANCE  # for keep "auto" (kvforge methods only)
     allocations: list[str] = field(default_factory=lambda: ["uniform"])  # "pilot": kvforge.budget per head
+    sources: list[str] = field(default_factory=lambda: ["python-reference"])  # haystack text (eval.sources)
+    phrasings: str | None = None  # needle wording set (eval.phrasings); None: each source's own split
 
     def __post_init__(self) -> None:
         self.allocations = check_allocations(self.allocations)  # kvforge.options.ALLOCATIONS
+        self.sources = check_sources(self.sources)
+        if self.phrasings is not None:
+            check_phrasings(self.phrasings)
 
 
 def stored_bytes(compressed: CompressedKV, dtype: str = BuildConfig.dtype,
@@ -97,7 +104,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
         if rows_path.exists() else []
     done = {_row_key(r["task"], r["method"], r["keep"]) for r in rows}
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    tasks = generate(lm.tokenizer, cfg.kinds, cfg.lengths, cfg.samples, cfg.seed)
+    tasks = generate(lm.tokenizer, cfg.kinds, cfg.lengths, cfg.samples, cfg.seed, cfg.sources, cfg.phrasings)
     configs = _configs(cfg)
     compressors: dict[str, Compressor] = {m: get_method(m) for m in cfg.methods if m != "full"}
     needs_q = any(c.needs_queries for c in compressors.values()) or "pilot" in cfg.allocations
@@ -141,6 +148,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                                              skip_special_tokens=True)
                 row = {
                     "task": task.id, "kind": task.kind, "target_length": task.target_length,
+                    "source": task.source, "phrasings": task.phrasings, "split": task.split,
                     "length": T, "method": method, "keep": keep,
                     "allocate": "pilot" if method.endswith("+pilot") else "uniform",
                     "keep_achieved": compressed.kept / (compressed.lengths.numel() * T),

@@ -49,10 +49,27 @@ def parse_methods(value: str) -> list[str]:
     return specs
 
 
+def parse_sources(sources: str | None, split: str | None) -> list[str]:
+    """``--sources a,b`` or ``--split tuning|heldout`` (every source of that split); neither: python-reference."""
+    from .sources import check_sources, of_split
+
+    if sources and split:
+        raise ConfigError("give --sources or --split, not both")
+    if split:
+        return check_sources(of_split(split))
+    return check_sources(parse_list(sources) if sources else ["python-reference"])
+
+
 def eval_config(*, methods: str, keeps: str, tolerance: float, allocations: str, tasks: str | None, lengths: str,
-                samples: int, against: str, seed: int, max_new_tokens: int):
+                samples: int, against: str, seed: int, max_new_tokens: int, sources: str | None = None,
+                split: str | None = None, phrasings: str | None = None):
     """The checked :class:`~kvforge.eval.runner.EvalConfig` of ``kvforge eval``'s option strings."""
+    from .phrasings import check_phrasings
     from .runner import EvalConfig
+
+    source_list = parse_sources(sources, split)
+    if phrasings is not None:
+        check_phrasings(phrasings)
 
     presses = parse_against(against)
     kinds = parse_kinds(tasks)
@@ -62,7 +79,8 @@ def eval_config(*, methods: str, keeps: str, tolerance: float, allocations: str,
     allocation_list = parse_allocations(allocations)
     return EvalConfig(methods=method_specs, keeps=keep_list, kinds=kinds,
                       lengths=parse_list(lengths, int, "--lengths"), samples=samples, seed=seed, against=presses,
-                      max_new_tokens=max_new_tokens, tolerance=tolerance, allocations=allocation_list)
+                      max_new_tokens=max_new_tokens, tolerance=tolerance, allocations=allocation_list,
+                      sources=source_list, phrasings=phrasings)
 
 
 def evaluate(cfg, out: str | Path, model=None, progress: bool = True) -> dict:

@@ -28,6 +28,7 @@ class KV:
     queries:       None or (layers, q_heads, tokens, head_dim), post-RoPE, float16
     keys_pre_rope: None or (layers, kv_heads, tokens, head_dim), the k_proj outputs
     surprisal:     None or (tokens,), float32: -log p(token | the tokens before it) in nats; 0 for the first
+    input_ids:     None or the document's token ids (tokens,), for methods that run the model again
     """
 
     keys: torch.Tensor
@@ -35,6 +36,7 @@ class KV:
     queries: torch.Tensor | None = None
     keys_pre_rope: torch.Tensor | None = None
     surprisal: torch.Tensor | None = None
+    input_ids: list[int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -142,4 +144,56 @@ def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys
         L, H, T, D = keys.shape
         kpre = torch.stack([k.view(T, H, D).transpose(0, 1) for k in pre_keys])  # (L, H, T, D)
     surp = token_surprisal(model, final[0], ids[0]) if surprisal else None
-    return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre, surprisal=surp)
+    return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre, surprisal=surp, input_ids=list(input_ids))
+
+
+REPLAY_PROMPT = "\n\nRepeat the previous context exactly.\n"
+
+
+@torch.inference_mode()
+def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], chunk: int = 512) -> torch.Tensor:
+    """How much the model attends to each cached entry while it repeats the document: (L, H, T) float32.
+
+    The document's cache ``kv`` (T tokens of ``input_ids``) is extended by ``prompt_ids`` (an
+    instruction to repeat) and a chunk of the document's own tokens, at positions T, T + 1, ...;
+    every replayed token's post-RoPE query attends, causally, over the T cached keys and the
+    replay's own; an entry's score is the largest attention weight any replayed token of any
+    query head of its group gives it (the context-reconstruction signal of KVzip, Kim et al. 2025).
+    A question-agnostic probe of which entries the model needs to reproduce the document.
+    Chunks of ``chunk`` tokens are replayed one at a time over the document's cache alone.
+    """
+    global _captured
+    from transformers import DynamicCache
+
+    L, H, T, D = kv.keys.shape
+    scale = float(getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5))
+    scores = torch.zeros(L, H, T)
+    saved_attn = model.config._attn_implementation
+    _register_capture()
+    model.set_attn_implementation(CAPTURE_ATTN)
+    try:
+        for a in range(0, T, chunk):
+            replay = prompt_ids + input_ids[a:a + chunk]
+            n, skip = len(replay), len(prompt_ids)
+            cache = DynamicCache(config=model.config)
+            for layer in range(L):
+                cache.update(kv.keys[layer][None], kv.values[layer][None], layer)
+            _captured = []
+            model(input_ids=torch.tensor([replay]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            queries, _captured = _captured, None
+            causal = torch.ones(n, n, dtype=torch.bool).tril()[skip:]  # (c, n): replayed rows over replay keys
+            for layer in range(L):
+                q = queries[layer][:, skip:].float()  # (Hq, c, D)
+                k_all = cache.layers[layer].keys[0].float()  # (H, T + n, D)
+                group = q.shape[0] // H
+                k_all = k_all.repeat_interleave(group, dim=0)  # (Hq, T + n, D)
+                logits = torch.einsum("hcd,hnd->hcn", q, k_all) * scale  # (Hq, c, T + n)
+                logits[:, :, T:].masked_fill_(~causal, float("-inf"))
+                weights = torch.softmax(logits, dim=-1)[:, :, :T]  # (Hq, c, T)
+                best = weights.amax(dim=1).view(H, group, T).amax(dim=1)  # (H, T)
+                scores[layer] = torch.maximum(scores[layer], best)
+    finally:
+        _captured = None
+        if model.config._attn_implementation != saved_attn:
+            model.set_attn_implementation(saved_attn)
+    return scores

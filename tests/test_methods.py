@@ -21,9 +21,30 @@ def random_kv(L=3, H=4, T=50, D=8, seed=0, group=2) -> KV:
               surprisal=torch.rand(T, generator=g) * 5)
 
 
-@pytest.fixture(params=sorted(_REGISTRY))
+@pytest.fixture(params=sorted(n for n, cls in _REGISTRY.items() if not cls.needs_model))
 def method(request) -> Compressor:
     return get_method(request.param)
+
+
+def test_model_running_methods_conform_on_a_real_prefill(tiny_llama):
+    """Methods that run the model again (needs_model) get the conformance checks on a tiny model's prefill."""
+    from kvforge.model import load_model
+    from kvforge.prefill import prefill
+
+    lm = load_model(tiny_llama)
+    kv = prefill(lm.model, lm.encode_document("A short document about a fox and a dog. " * 12))
+    L, H, T, _ = kv.shape
+    for name in sorted(n for n, cls in _REGISTRY.items() if cls.needs_model):
+        m = get_method(name)
+        ctx = CompressionContext(model=lm, seed=0)
+        for keep in (0.5, 0.1):
+            out = m.compress(kv, Budget(keep), ctx)
+            assert out.kept <= max(round(keep * H * T), 12 * H) * L + L * H, (name, keep)
+            assert (out.lengths >= 1).all()
+            assert torch.equal(out.lengths, m.compress(kv, Budget(keep), ctx).lengths)  # deterministic
+        assert Compressor.from_dict(m.to_dict()) == m
+        with pytest.raises(ValueError, match="needs the model"):
+            m.compress(random_kv(), Budget(0.5), CompressionContext())
 
 
 class TestConformance:

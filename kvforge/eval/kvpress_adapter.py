@@ -18,7 +18,9 @@ import torch
 from ..errors import ConfigError
 from ..ragged import CompressedKV
 
-PRESSES = ("CompactorPress", "KVzipPress", "SnapKVPress", "KnormPress", "ExpectedAttentionPress")
+PRESSES = ("CompactorPress", "KVzipPress", "SnapKVPress", "KnormPress", "ExpectedAttentionPress")  # --against kvpress
+# also runnable by name: KVgradPress (KVzip's context replay, scored by input x gradient attribution; slower)
+SUPPORTED = PRESSES + ("KVgradPress",)
 
 
 def make_press(name: str, keep: float):
@@ -26,8 +28,8 @@ def make_press(name: str, keep: float):
         import kvpress
     except ImportError as exc:
         raise ConfigError("--against kvpress needs kvpress 0.5.5: pip install 'kvforge[bench]'") from exc
-    if name not in PRESSES:
-        raise ConfigError(f"unknown press {name!r}; supported: {', '.join(PRESSES)}")
+    if name not in SUPPORTED:
+        raise ConfigError(f"unknown press {name!r}; supported: {', '.join(SUPPORTED)}")
     return getattr(kvpress, name)(compression_ratio=1.0 - keep)
 
 

@@ -32,7 +32,7 @@ CLASSIC = [Phrasing(
     "What are the special magic codes for {keys}? Answer with the codes only.")]
 
 TUNING = CLASSIC + [
-    Phrasing("Remember that the secret number of {key} is {value}.",
+    Phrasing("Remember: the secret number of {key} is {value}.",
              "Which secret number belongs to {key}? Reply with the number alone.",
              "List every secret number given for {key}. Reply with the numbers alone.",
              "Which secret numbers belong to {keys}? Reply with the numbers alone."),
@@ -40,29 +40,31 @@ TUNING = CLASSIC + [
              "What passcode did {key} choose? Give only the passcode.",
              "Give all of the passcodes {key} chose, and nothing else.",
              "What passcodes did {keys} choose? Give only the passcodes."),
-    Phrasing("(Aside: {key} keeps the spare key in drawer {value}.)",
-             "In which drawer is the spare key that {key} keeps? Only the drawer, please.",
-             "Name every drawer where {key} keeps a spare key. Only the drawers, please.",
-             "In which drawers do {keys} keep their spare keys? Only the drawers, please."),
+    Phrasing("The PIN for {key} is {value}.",
+             "What PIN does {key} use? Answer with the PIN only.",
+             "What PINs does {key} use? Answer with the PINs only.",
+             "What PINs do {keys} use? Answer with the PINs only."),
 ]
 
+# Held-out wordings are ones the embedded 135M model answers with the full cache (probed on held-out
+# text, 3-7 of 9 each): a wording the full cache cannot answer measures nothing about compression.
 HELDOUT = [
-    Phrasing("Note: the locker assigned to {key} opens with the combination {value}.",
-             "Which combination opens the locker that belongs to {key}? Respond with just the combination.",
-             "Which combinations open lockers belonging to {key}? Respond with just the combinations.",
-             "Which combinations open the lockers of {keys}? Respond with just the combinations."),
-    Phrasing("In the archive ledger, the entry for {key} was catalogued under reference {value}.",
-             "Under what reference is {key} catalogued in the archive ledger? State the reference only.",
-             "Under which references is {key} catalogued in the archive ledger? State the references only.",
-             "Under what references are {keys} catalogued in the archive ledger? State the references only."),
-    Phrasing("Shipments addressed to {key} are tracked with the identifier {value}.",
-             "How is a shipment for {key} tracked? Write only its identifier.",
-             "What identifiers track shipments for {key}? Write only the identifiers.",
-             "How are shipments for {keys} tracked? Write only their identifiers."),
-    Phrasing("According to the night clerk, {key} signed the register as guest {value}.",
-             "As which guest did {key} sign the register? Say just that.",
-             "As which guests did {key} sign the register? Say just those.",
-             "As which guests did {keys} sign the register? Say just those."),
+    Phrasing("The password of {key} is {value}.",
+             "What is {key}'s password? Reply with the password only.",
+             "What are {key}'s passwords? Reply with the passwords only.",
+             "What are the passwords of {keys}? Reply with the passwords only."),
+    Phrasing("{key}'s phone number is {value}.",
+             "Which phone number does {key} have? Give the number only.",
+             "Which phone numbers does {key} have? Give the numbers only.",
+             "Which phone numbers do {keys} have? Give the numbers only."),
+    Phrasing("Important: {key} has ticket number {value}.",
+             "What ticket number was {key} given? Answer with the number only.",
+             "What ticket numbers was {key} given? Answer with the numbers only.",
+             "What ticket numbers were {keys} given? Answer with the numbers only."),
+    Phrasing("According to the registry, the ID of {key} is {value}.",
+             "What ID does the registry list for {key}? Only the ID.",
+             "What IDs does the registry list for {key}? Only the IDs.",
+             "What IDs does the registry list for {keys}? Only the IDs."),
 ]
 
 SETS = {"classic": CLASSIC, "tuning": TUNING, "heldout": HELDOUT}

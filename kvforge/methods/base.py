@@ -142,6 +142,7 @@ class Compressor:
     needs_pre_rope_keys: ClassVar[bool] = False  # prefill must capture the keys before RoPE
     needs_surprisal: ClassVar[bool] = False  # prefill must compute every token's surprisal
     produces_beta: ClassVar[bool] = False  # output carries an attention bias
+    needs_model: ClassVar[bool] = False  # runs the model itself (ctx.model, kv.input_ids): no random-tensor use
 
     @property
     def keeps_originals(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def random_kv(L=3, H=4, T=50, D=8, seed=0, group=2) -> KV:
               surprisal=torch.rand(T, generator=g) * 5)
 
 
-@pytest.fixture(params=sorted(n for n, cls in _REGISTRY.items() if not cls.needs_model))
+@pytest.fixture(params=sorted(n for n in _REGISTRY if not get_method(n).needs_model))
 def method(request) -> Compressor:
     return get_method(request.param)
 
@@ -32,9 +34,9 @@ def test_model_running_methods_conform_on_a_real_prefill(tiny_llama):
     from kvforge.prefill import prefill
 
     lm = load_model(tiny_llama)
-    kv = prefill(lm.model, lm.encode_document("A short document about a fox and a dog. " * 12))
+    kv = prefill(lm.model, lm.encode_document("A short document about a fox and a dog. " * 12), queries=True)
     L, H, T, _ = kv.shape
-    for name in sorted(n for n, cls in _REGISTRY.items() if cls.needs_model):
+    for name in sorted(n for n in _REGISTRY if get_method(n).needs_model) + ["select_fit:replay=1"]:
         m = get_method(name)
         ctx = CompressionContext(model=lm, seed=0)
         for keep in (0.5, 0.1):
@@ -44,7 +46,7 @@ def test_model_running_methods_conform_on_a_real_prefill(tiny_llama):
             assert torch.equal(out.lengths, m.compress(kv, Budget(keep), ctx).lengths)  # deterministic
         assert Compressor.from_dict(m.to_dict()) == m
         with pytest.raises(ValueError, match="needs the model"):
-            m.compress(random_kv(), Budget(0.5), CompressionContext())
+            m.compress(dataclasses.replace(kv, input_ids=None), Budget(0.5), CompressionContext(model=lm))
 
 
 class TestConformance:

@@ -12,6 +12,9 @@
    ``surprisal_window`` tokens and z-scored. What a document states that its
    context does not predict (a number, a name, a code) is what a later question
    asks for and what no query inside the document attends to (section 9).
+   With ``replay > 0`` it adds that weight times the z-scored log of the
+   replay signal (:mod:`kvforge.methods.replay`: the attention an entry gets
+   while the model repeats the document), per layer and head.
 2. Per head, replace the kept values by the least-squares solution that makes
    the attention output over the kept keys match the full cache's output for
    the reference queries (ridge toward the original values).
@@ -54,13 +57,14 @@ class SelectFit(ScoredCompressor):
     score_dtype: str = "bfloat16"  # scoring's logits, softmax and block sums: "bfloat16" or "float32"
     surprisal: float = 0.0  # weight of the surprisal prior in the ranking (0: none)
     surprisal_window: int = 5  # tokens the surprisal is averaged over (the rest of a number, of a name)
+    replay: float = 0.0  # weight of the replay (context reconstruction) signal in the ranking (0: none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.query_block < 1 or self.blend < 0 or self.samples < 1 or self.score_samples < 1:
             raise ValueError("query_block, samples and score_samples must be >= 1 and blend >= 0")
-        if self.surprisal < 0 or self.surprisal_window < 1:
-            raise ValueError("surprisal must be >= 0 and surprisal_window >= 1")
+        if self.surprisal < 0 or self.surprisal_window < 1 or self.replay < 0:
+            raise ValueError("surprisal and replay must be >= 0 and surprisal_window >= 1")
         if self.score_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"score_dtype must be 'bfloat16' or 'float32', got {self.score_dtype!r}")
 
@@ -78,6 +82,10 @@ class SelectFit(ScoredCompressor):
     @property
     def needs_surprisal(self) -> bool:
         return self.surprisal > 0
+
+    @property
+    def needs_model(self) -> bool:  # the replay runs the model over the document again
+        return self.replay > 0
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
         """Mean attention each entry receives from the reference queries: (L, H, T).
@@ -102,11 +110,15 @@ class SelectFit(ScoredCompressor):
 
     def scorer(self, kv: KV, ctx: CompressionContext) -> Callable[[float], torch.Tensor]:
         mass = self.score(kv, ctx)
-        if self.blend <= 0 and self.surprisal <= 0:
+        if self.blend <= 0 and self.surprisal <= 0 and self.replay <= 0:
             return lambda keep: mass
         from .compactor import Compactor, _zscore_per_layer
 
         base = _zscore_per_layer(mass.clamp_min(1e-30).log())
+        if self.replay > 0:
+            from .replay import replay_signal
+
+            base = base + self.replay * _zscore_per_layer(replay_signal(kv, ctx).clamp_min(1e-30).log())
         if self.surprisal > 0:
             base = base + self.surprisal * surprisal_prior(kv, self.surprisal_window)  # (T,) broadcast
         if self.blend <= 0:

@@ -63,9 +63,10 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="a model folder (default: the embedded model)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/needle-survival"))
     args = ap.parse_args()
-    lm = load_model(None)
+    lm = load_model(args.model)
     tasks = generate(lm.tokenizer, args.tasks.split(","), [args.length], args.samples, args.seed,
                      of_split(args.split))
     methods = args.methods.split(",")

@@ -35,7 +35,11 @@ from .faults import Fault
 
 INSTALL_HINT = "pip install 'kvforge[ray]'"
 MAX_RETRIES = 3  # re-runs of a document after its worker died; a document's own errors are never retried
-QUEUE_PER_WORKER = 2  # documents handed to a worker ahead: it starts the next while the driver writes
+# One document at a time per worker: when a worker dies, the one document it held is the one it died on, so
+# each document's retries count its own deaths. (With a queue of two, the document waiting behind a poison
+# one died with it every time and was reported lost too.) The cost: a worker idles while its result travels
+# and the next document arrives, milliseconds against seconds of prefill.
+QUEUE_PER_WORKER = 1
 START_TIMEOUT_S = 600  # a worker that has not loaded its model by then (no free CPUs?) stops the build
 
 
@@ -186,8 +190,9 @@ class RayExecutor:
                         raise cause from None
                     raise
                 except RayActorError:
+                    tries = self.max_retries + 1
                     outcome = Outcome(document, error=WorkerLostError(
-                        f"{document.path or document.id}: its Ray worker died {self.max_retries + 1} times while "
+                        f"{document.path or document.id}: its Ray worker died {tries} time{'s' * (tries > 1)} while "
                         "building it (killed, out of memory, or its node lost); it was not retried further"))
                 if queue:
                     submit(slot)

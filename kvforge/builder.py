@@ -133,6 +133,7 @@ class BuildReport:
     skipped: list[str]
     errors: list[str]
     seconds: float
+    executor: dict = field(default_factory=dict)  # who built: name, workers, threads, start-up seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -333,4 +334,5 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     if not todo:
         sink.finish()
     return BuildReport(out=str(out), entries=[entries[d.id] for d in documents if entries.get(d.id)], built=built,
-                       skipped=skipped, errors=[str(e) for e in bad], seconds=time.perf_counter() - t_start)
+                       skipped=skipped, errors=[str(e) for e in bad], seconds=time.perf_counter() - t_start,
+                       executor=runner.describe())

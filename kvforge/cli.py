@@ -125,8 +125,14 @@ def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dt
     for e in report.entries:
         click.echo(f"{e['id']}: {e['logical_tokens']} tokens, keep {e['keep_achieved']:.3f}, "
                    f"{e['bytes'] / 1024:.0f} KiB -> {report.out}/{e['file']}")
+    ex = report.executor
+    how = ""
+    if ex.get("name") == "ray" and ex.get("start_seconds"):
+        start = sum(ex["start_seconds"].values())
+        how = (f" (ray: {ex['workers']} worker(s) x {ex['threads_per_worker']} thread(s), "
+               f"{start:.1f} s of it starting them)")
     click.echo(f"built {len(report.built)}, up to date {len(report.skipped)}, "
-               f"refused {len(report.errors)} in {report.seconds:.1f} s")
+               f"refused {len(report.errors)} in {report.seconds:.1f} s{how}")
     summary = report.keep_summary()
     if summary:
         click.echo(summary)

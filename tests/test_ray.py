@@ -108,6 +108,9 @@ def test_a_ray_build_writes_the_bytes_the_local_build_writes(tmp_path, corpus, t
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
     assert all(e["build_seconds"] > 0 for e in remote.entries)  # the worker's own time, not dropped
+    ex = remote.executor
+    assert ex["name"] == "ray" and ex["workers"] == 2 and [w["threads"] for w in ex["workers_info"]] == [1, 1]
+    assert len({w["pid"] for w in ex["workers_info"]} | {os.getpid()}) == 3  # two processes of their own
     _verified(tmp_path / f"ray{suffix}")
 
 

@@ -32,6 +32,9 @@ class LocalExecutor:
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = None
 
+    def describe(self) -> dict:
+        return {"name": "local", "workers": 1, "threads_per_worker": self.threads_per_worker}
+
     def map(self, lm, documents, config, encoded: dict[str, list[int]]) -> Iterator[Outcome]:
         """Build each document in order; the caller writes each before the next one starts."""
         for document in documents:

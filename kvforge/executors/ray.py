@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -103,6 +104,7 @@ class RayExecutor:
     fault: Fault | None = None
     max_retries: int = MAX_RETRIES
     workers_info: list[dict] = field(default_factory=list)  # pid, node, threads of each worker, once started
+    start_seconds: dict = field(default_factory=dict)  # runtime: ray.init; workers: until every model is loaded
     _ray: object = field(default=None, repr=False)
     _started: bool = field(default=False, repr=False)
     _actors: list = field(default_factory=list, repr=False)
@@ -119,9 +121,15 @@ class RayExecutor:
             self._ray.shutdown()
             self._started = False
 
+    def describe(self) -> dict:
+        return {"name": "ray", "address": self.address, "workers": self.workers,
+                "threads_per_worker": self.threads_per_worker, "start_seconds": self.start_seconds,
+                "workers_info": self.workers_info}
+
     def _connect(self) -> None:
         """Join (or start) the Ray runtime and settle the number of workers against its CPUs."""
         ray, threads = self._ray, self.threads_per_worker
+        t0 = time.perf_counter()
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         if not ray.is_initialized():
             if self.address is not None:
@@ -130,6 +138,7 @@ class RayExecutor:
                 cpus = (self.workers or max(1, (os.cpu_count() or 1) // threads)) * threads
                 ray.init(num_cpus=cpus, **quiet)
             self._started = True
+        self.start_seconds["runtime"] = round(time.perf_counter() - t0, 3)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if self.workers is None:
             self.workers = max(1, cpus // threads)
@@ -146,8 +155,10 @@ class RayExecutor:
         pool = [actor.remote(lm.info.source, lm.info.weights_sha256, self.threads_per_worker, self.fault)
                 for _ in range(self.workers)]
         self._actors = pool
+        t0 = time.perf_counter()
         try:
             self.workers_info = ray.get([w.ready.remote() for w in pool], timeout=START_TIMEOUT_S)
+            self.start_seconds["workers"] = round(time.perf_counter() - t0, 3)
         except BaseException as exc:
             self._kill_pool()
             cause = getattr(exc, "cause", None)

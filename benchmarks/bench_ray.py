@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -111,6 +111,9 @@ def render(r: dict) -> str:
         lines.append(f"| {run['label']} | {run['wall_s']:.1f} | {start_txt} | {run['build_s']:.1f} | "
                      f"{run['tokens_per_s']:.0f} | {run['tokens_per_s_build']:.0f} | {run['doc_s_mean']:.2f} | "
                      f"{base / run['wall_s']:.2f}x | {'yes' if run['identical'] else 'NO'} |")
+    loads = [x for run in r["runs"] for s in run["rounds"] for x in s["load_1min"]]
+    lines += ["", f"Machine load (1-minute average, before and after each build): {min(loads):.1f} to {max(loads):.1f} "
+              "on 2 cores; the machine is shared."]
     lines += ["", "library.json rewrite (atomic, fsynced; the folder sink does it after every document):", "",
               "| entries | seconds |", "| ---: | ---: |"]
     lines += [f"| {n} | {s:.3f} |" for n, s in r["manifest_rewrite_s"].items()]
@@ -142,6 +145,7 @@ def main() -> None:
             for i in (order if r % 2 == 0 else order[::-1]):
                 label, executor, workers, threads = CONFIGS[i]
                 out = work / f"out-{i}-{r}"
+                load_before = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 report = kvforge.build([work / "corpus"], out, method=args.method, keep=args.keep, model=lm,
                                        progress=False, executor=executor, workers=workers,
@@ -153,6 +157,7 @@ def main() -> None:
                 shutil.rmtree(out)
                 reference = reference or found
                 samples[i].append({"wall_s": wall, "start": start, "identical": found == reference,
+                                   "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                                    "doc_s": [e["build_seconds"] for e in report.entries],
                                    "workers_info": report.executor.get("workers_info")})
                 sample_entry = report.entries[0]

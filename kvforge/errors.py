@@ -44,3 +44,7 @@ class ResourceLimitError(KvforgeError):
 
 class ConfigError(KvforgeError):
     """An option has an invalid value (unknown method, keep out of range ...)."""
+
+
+class WorkerLostError(KvforgeError):
+    """A build worker died (killed, out of memory, its node lost) more often than the executor retries."""

@@ -21,6 +21,7 @@ FORMATS = ("kv", "zarr")  # build output: a folder of .kv files, or one zarr v3 
 # checks that every quantization has its bits).
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "int8", "int4")
+EXECUTORS = ("local", "ray")  # who maps build_document over the corpus: this process, or a Ray actor pool
 
 
 def check_choice(option: str, value, allowed: tuple[str, ...]) -> str:
@@ -76,6 +77,37 @@ def check_storage(dtype: str, quant: str) -> None:
         raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if quant not in QUANTIZATIONS:
         raise ConfigError(f"quant must be one of {', '.join(QUANTIZATIONS)}, got {quant!r}")
+
+
+def check_executor(executor: str, workers=None, threads_per_worker=None,
+                   ray_address: str | None = None) -> tuple[str, int | None, int | None, str | None]:
+    """(executor, workers, threads per worker, Ray address), checked; ``None`` leaves a default to the executor.
+
+    The local executor is one worker in this process (``threads_per_worker`` sets its torch
+    threads); ``workers`` above 1 and a Ray address need ``executor="ray"``.
+    """
+    check_choice("executor", executor, EXECUTORS)
+    workers = _positive_int("workers", workers)
+    threads_per_worker = _positive_int("threads-per-worker", threads_per_worker)
+    if ray_address is not None and not str(ray_address).strip():
+        ray_address = None
+    if executor == "local":
+        if workers is not None and workers > 1:
+            raise ConfigError(f"--workers {workers} needs --executor ray; the local executor is one worker "
+                              "(set its torch threads with --threads-per-worker)")
+        if ray_address is not None:
+            raise ConfigError("--ray-address applies to --executor ray only; drop it or pass --executor ray")
+    return executor, workers, threads_per_worker, ray_address
+
+
+def _positive_int(option: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ConfigError(f"--{option} must be a whole number >= 1, got {value!r}")
+    if int(value) < 1:
+        raise ConfigError(f"--{option} must be >= 1, got {value!r}")
+    return int(value)
 
 
 def check_allocations(allocations, option: str = "allocations") -> list[str]:

@@ -125,6 +125,20 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, tiny_llama):
     r = CliRunner().invoke(cli, ["build", str(tmp_path), "-o", str(tmp_path / "o"), "--keep", "1.5",
                                  "--model", str(tiny_llama)])
     assert r.exit_code == 2 and "keep" in r.output
+    r = CliRunner().invoke(cli, ["build", str(tmp_path), "-o", str(tmp_path / "o"), "--workers", "2",
+                                 "--model", str(tiny_llama)])
+    assert r.exit_code == 2 and "--workers 2 needs --executor ray" in r.output
+
+
+def test_a_document_refused_while_building_is_reported_with_its_path(tmp_path, docs, tiny_llama, monkeypatch):
+    # the test-only fault hook of kvforge.executors.faults: the worker (here: this process) refuses "pass"
+    monkeypatch.setenv("KVFORGE_TEST_FAULT", f"fail:pass:{tmp_path}")
+    report = kvforge.build([docs], tmp_path / "skip", model=tiny_llama, skip_bad=True, progress=False)
+    assert sorted(report.built) == ["assert", "del"] and len(report.errors) == 1
+    assert str(docs / "pass.txt") in report.errors[0]
+    r = CliRunner().invoke(cli, ["build", str(docs), "-o", str(tmp_path / "stop"), "--model", str(tiny_llama)])
+    assert r.exit_code == 2 and str(docs / "pass.txt") in r.output and "--skip-bad" in r.output
+    assert not (tmp_path / "stop" / "pass.kv").exists()
 
 
 def test_python_m_kvforge_works():

@@ -86,3 +86,18 @@ def test_eval_options_are_checked_before_any_model_loads():
                        ({"allocations": "pilto"}, "give uniform, pilot or both"), ({"lengths": "3x"}, "--lengths")]:
         with pytest.raises(ConfigError, match=match):
             eval_config(**(good | bad))
+
+
+def test_check_executor():
+    assert options.check_executor("local") == ("local", None, None, None)
+    assert options.check_executor("ray", "2", 1, "auto") == ("ray", 2, 1, "auto")
+    assert options.check_executor("local", 1, 2, "") == ("local", 1, 2, None)
+    with pytest.raises(ConfigError, match="executor must be local or ray, got 'dask'"):
+        options.check_executor("dask")
+    with pytest.raises(ConfigError, match="--workers 2 needs --executor ray"):
+        options.check_executor("local", workers=2)
+    with pytest.raises(ConfigError, match="--ray-address applies to --executor ray only"):
+        options.check_executor("local", ray_address="auto")
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(ConfigError, match="--threads-per-worker must be"):
+            options.check_executor("ray", threads_per_worker=bad)

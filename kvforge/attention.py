@@ -25,6 +25,7 @@ from .ragged import CompressedKV
 
 ATTN_NAME = "kvforge"
 _TAG = "_kvforge_ragged_layer"
+_BATCH_TAG = "_kvforge_ragged_batch"
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -51,8 +52,17 @@ class RaggedLayer(CacheLayerMixin):
 
     def _empty_suffix(self) -> None:
         shape = (1, self.num_heads, 0, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.compute_dtype)
-        self.values = torch.zeros(shape, dtype=self.compute_dtype)
+        device = self.prefix_keys.device  # the suffix lives where the prefix does
+        self.keys = torch.zeros(shape, dtype=self.compute_dtype, device=device)
+        self.values = torch.zeros(shape, dtype=self.compute_dtype, device=device)
+
+    def fork(self) -> "RaggedLayer":
+        """A layer over the same read-only prefix tensors with an empty suffix of its own (no copy)."""
+        twin = RaggedLayer.__new__(RaggedLayer)
+        CacheLayerMixin.__init__(twin)
+        twin.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("keys", "values")})
+        twin._empty_suffix()
+        return twin
 
     def lazy_initialization(self, key_states, value_states) -> None:  # initialized at construction
         return None
@@ -118,9 +128,60 @@ class RaggedCache(Cache):
     def resident_bytes(self) -> int:
         return sum(layer.resident_bytes() for layer in self.layers)
 
+    def fork(self) -> "RaggedCache":
+        """A fresh cache over the same prefix tensors: what a question appends stays in its own fork."""
+        twin = RaggedCache.__new__(RaggedCache)
+        Cache.__init__(twin, layers=[layer.fork() for layer in self.layers])
+        twin.logical_length = self.logical_length
+        return twin
+
     @property
     def suffix_length(self) -> int:
         return self.layers[0].suffix_length
+
+
+class _BatchedLayer(CacheLayerMixin):
+    """One layer of a :class:`BatchedRaggedCache`: row b of every update goes to member b's own layer."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, members: list[RaggedLayer]):
+        super().__init__()
+        self.members = members
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return None
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        # key_states: (B, H_kv, 1, D); each row joins its own sequence's suffix
+        rows = [m.update(key_states[b:b + 1], value_states[b:b + 1]) for b, m in enumerate(self.members)]
+        setattr(key_states, _BATCH_TAG, rows)  # the attention function attends row by row, each on its own cache
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return max(m.get_seq_length() for m in self.members)
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
+class BatchedRaggedCache(Cache):
+    """Several :class:`RaggedCache` as one batch for a decode step: one new token per row.
+
+    Rows may be different documents at different lengths; the projections and MLPs run once for the
+    batch, the attention of each row runs over its own ragged prefix and suffix. Pass explicit
+    ``position_ids`` (B, 1): each row continues at its own logical length.
+    """
+
+    def __init__(self, caches: list[RaggedCache]):
+        layers = [_BatchedLayer([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))]
+        super().__init__(layers=layers)
+        self.members = caches
 
 
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -129,6 +190,10 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     query: (1, H_q, T, D); key / value: (1, H_kv, S, D), the dense suffix whose
     last T entries are the current tokens. Returns (1, T, H_q, D).
     """
+    rows = getattr(key, _BATCH_TAG, None)
+    if rows is not None:  # a batched decode step: each row on its own ragged cache
+        return torch.cat([ragged_attention(module, query[b:b + 1], k, v, None, scaling=scaling)[0]
+                          for b, (k, v) in enumerate(rows)]), None
     layer = getattr(key, _TAG, None)
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

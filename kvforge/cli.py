@@ -133,8 +133,8 @@ def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify)
     t0 = time.perf_counter()
     doc = load(artifact, model=model, verify=not no_verify, doc=doc_id)
     if as_json:
-        answer = doc.answer(question, max_new_tokens=max_new_tokens)
-        _emit_json(doc.answer_report(question, answer, source=str(artifact), started=t0))
+        result = doc.run(question, max_new_tokens=max_new_tokens)
+        _emit_json(doc.answer_report(result, source=str(artifact), started=t0, question=question))
     else:
         doc.answer(question, max_new_tokens=max_new_tokens,
                    on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))

@@ -60,6 +60,7 @@ class Engine:
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._active: list[Job] = []
         self._stopping = threading.Event()
+        self.tokens_generated = 0  # answer tokens chosen, all jobs together (cancelled ones included)
         self._thread = threading.Thread(target=self._run, name="kvforge-engine", daemon=True)
         self._thread.start()
 
@@ -133,6 +134,7 @@ class Engine:
                 continue
             token = seq.advance()
             if token is not None:
+                self.tokens_generated += 1
                 job.emit("token", token)
             if seq.done:
                 job.emit("done", seq.stats())

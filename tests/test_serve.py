@@ -104,8 +104,8 @@ def test_models_lists_every_document(client, served):
     assert set(cards) == set(TEXTS)
     card = cards["assert-doc"].model_dump()
     assert card["tokens"] > 0 and 0 < card["keep"] <= 0.55 and card["method"] == "knorm"
-    assert card["resident_kv_bytes"] > 0
-    assert client.models.retrieve("del-doc").model_dump()["bytes"] > 0
+    assert card["bytes"] > 0 and card["quantization"] == "none"
+    assert client.models.retrieve("del-doc").model_dump()["artifact_bytes"] > 0
 
 
 def test_chat_completion_equals_the_runtime_answer(client, library, tiny_llama, served):

@@ -236,9 +236,8 @@ def create_app(registry: Registry, engine: Engine, *, api_key: str | None = None
 
     def _card(doc_id: str) -> dict:
         entry = registry.entries[doc_id]
-        card = schema.model_card(doc_id, entry.manifest, registry.artifact_bytes(doc_id), created=started)
-        card["resident_kv_bytes"] = entry.resident_bytes
-        return card
+        return schema.model_card(doc_id, entry.manifest, entry.resident_bytes, registry.artifact_bytes(doc_id),
+                                 created=started)
 
     started = int(time.time())
 

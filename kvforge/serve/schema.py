@@ -201,10 +201,15 @@ def sse(obj) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def model_card(doc_id: str, manifest: dict, stored_bytes: int, created: int | None = None) -> dict:
-    """One ``/v1/models`` entry: a document, with what it holds."""
+def model_card(doc_id: str, manifest: dict, resident_bytes: int, stored_bytes: int | None,
+               created: int | None = None) -> dict:
+    """One ``/v1/models`` entry: a document, with what it holds.
+
+    bytes: the KV bytes it holds once loaded (what it costs the server's LRU); artifact_bytes: its stored
+    bytes (a library document's are known once it has been loaded, null before).
+    """
     comp, doc, storage = manifest["compression"], manifest["document"], manifest["storage"]
     return {"id": doc_id, "object": "model", "created": int(created or time.time()), "owned_by": "kvforge",
             "tokens": doc["logical_length"], "keep": comp["keep_achieved"], "kept_entries": comp["kept_entries"],
-            "bytes": stored_bytes, "method": comp["method"].get("name"),
+            "bytes": resident_bytes, "artifact_bytes": stored_bytes, "method": comp["method"].get("name"),
             "quantization": storage["quantization"], "model": manifest["model"]["name"]}

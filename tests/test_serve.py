@@ -257,6 +257,7 @@ def test_no_traceback_reaches_a_client(http, served, monkeypatch):
     def broken(doc_id):
         raise RuntimeError("secret internals /home/someone")
 
+    monkeypatch.setattr(served.registry, "peek", lambda doc_id: None)
     monkeypatch.setattr(served.registry, "get", broken)
     err = _error(http.post("/v1/documents/del-doc/answer", json={"question": "x"}), 500, "internal_error")
     assert "secret" not in err["message"]

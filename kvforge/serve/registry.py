@@ -134,6 +134,14 @@ class Registry:
                 self._evict(keep=doc_id)
             return document, seconds
 
+    def peek(self, doc_id: str) -> DocumentCache | None:
+        """The document if it is resident (marked as used), else None: no I/O, safe on the event loop."""
+        with self._lock:
+            document = self._loaded.get(doc_id)
+            if document is not None:
+                self._loaded.move_to_end(doc_id)
+            return document
+
     def _evict(self, keep: str) -> None:
         while self.resident_bytes_locked() > self.max_resident_bytes:
             victim = next((k for k in self._loaded if k != keep), None)

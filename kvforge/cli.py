@@ -45,6 +45,7 @@ def cli():
       kvforge build docs/ -o lib.zarr --keep 0.25 --quant int8     # one zarr library
       kvforge query lib.zarr --doc notes "What is the deadline?"
       kvforge convert lib.zarr lib.zarr.zip && kvforge verify lib.zarr.zip
+      kvforge serve lib.zarr                                        # OpenAI-compatible HTTP on 127.0.0.1:8000
 
     Environment: KVFORGE_HOME (model cache, default ~/.cache/kvforge),
     KVFORGE_MODEL (default model).
@@ -243,7 +244,8 @@ def convert(source, dest, doc_id, overwrite, as_json):
               help="address to listen on; anything beyond loopback needs --api-key")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="KVFORGE_API_KEY", default=None, show_envvar=True,
-              help="clients send Authorization: Bearer KEY on every route but /healthz")
+              help="clients send Authorization: Bearer KEY on every route but /healthz (prefer the environment "
+                   "variable: a command line is visible to other users)")
 @click.option("--max-resident-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="bound on the loaded documents' KV bytes; the least recently used are dropped past it")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP + " (default: the documents' own)")

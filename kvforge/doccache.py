@@ -11,7 +11,7 @@ The decoder that runs questions over one or many caches is :mod:`kvforge.decoder
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,6 +19,7 @@ from .artifact import Artifact
 from .attention import RaggedCache
 from .errors import ResourceLimitError
 from .model import Template
+from .ragged import CompressedKV
 
 
 @dataclass
@@ -27,28 +28,38 @@ class DocumentCache:
 
     compute_dtype: the model's dtype (the prefix stays in its storage dtype; attention casts a layer when it
     attends); device: where the prefix tensors live (the model's device).
+    resident: ``"float"`` holds keys and values as the artifact's reader gave them (a quantized document
+    dequantized on load); ``"codes"`` holds a quantized document's stored codes and dequantizes a head's
+    slice when it attends (same values, bit for bit), so int8 / int4 save memory too; the artifact must
+    have been read with ``keep_codes=True``, and its float keys and values are released.
     """
 
     artifact: Artifact
     compute_dtype: torch.dtype = torch.float32
     device: torch.device | str | None = None
+    resident: str = "float"
     prefix: RaggedCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        kv = self.artifact.kv
-        if self.device is not None and kv.keys and kv.keys[0].device != torch.device(self.device):
-            from .ragged import CompressedKV
-
+        if self.resident not in ("float", "codes"):
+            raise ValueError(f"resident must be 'float' or 'codes', got {self.resident!r}")
+        kv, codes = self.artifact.kv, self.artifact.codes if self.resident == "codes" else None
+        moving = self.device is not None and kv.lengths.device != torch.device(self.device)
+        if codes is not None:
+            codes = [c.to(self.device) for c in codes] if moving else codes
+            kv = CompressedKV(kv.lengths, kv.positions, [], [], kv.beta)  # the codes hold keys and values
+            self.artifact = replace(self.artifact, kv=kv, codes=codes)
+        if moving:
             move = lambda ts: [t.to(self.device) for t in ts]  # noqa: E731
             kv = CompressedKV(kv.lengths, kv.positions, move(kv.keys), move(kv.values),
                               move(kv.beta) if kv.beta is not None else None)
-        self.prefix = RaggedCache(kv, self.logical_length, compute_dtype=self.compute_dtype)
+        self.prefix = RaggedCache(kv, self.logical_length, compute_dtype=self.compute_dtype, codes=codes)
 
     @classmethod
-    def for_model(cls, artifact: Artifact, lm) -> "DocumentCache":
+    def for_model(cls, artifact: Artifact, lm, resident: str = "float") -> "DocumentCache":
         """The cache of ``artifact`` in the dtype and on the device of ``lm``'s weights."""
         p = next(lm.model.parameters())
-        return cls(artifact, compute_dtype=p.dtype, device=p.device)
+        return cls(artifact, compute_dtype=p.dtype, device=p.device, resident=resident)
 
     # -- facts --------------------------------------------------------------------------------
     @property

@@ -45,12 +45,14 @@ class Doc:
     artifact: _artifact.Artifact
     lm: LoadedModel
     load_s: float = 0.0
+    resident: str = "float"  # "codes": a quantized document keeps its codes resident (see DocumentCache)
     document: DocumentCache = field(init=False, repr=False)
     decoder: Decoder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.decoder = Decoder(self.lm)
-        self.document = DocumentCache.for_model(self.artifact, self.lm)
+        self.document = DocumentCache.for_model(self.artifact, self.lm, resident=self.resident)
+        self.artifact = self.document.artifact  # with resident="codes", the one without float keys
 
     @classmethod
     def from_kv(cls, lm: LoadedModel, compressed: CompressedKV, logical_length: int,
@@ -213,7 +215,8 @@ def resolve_model_for(manifest: dict, model) -> LoadedModel:
                                  f"from {source!r})") from exc
 
 
-def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None) -> Doc:
+def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None,
+         resident: str = "float") -> Doc:
     """Load an artifact, check it against its model, and return a :class:`Doc`.
 
     ``path``: a ``.kv`` file, or a zarr library (``lib.zarr`` folder or ``lib.zarr.zip``) with ``doc``
@@ -221,6 +224,9 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
     ``model``: ``None`` (the artifact's own model if found, else ``$KVFORGE_MODEL`` or the embedded default),
     a model directory, ``"embedded"``, or a loaded model from a previous call.
     ``verify=False`` skips the tensor digest (structure, shapes and finiteness are always checked).
+    ``resident="codes"``: a quantized (int8 / int4) document keeps its codes in memory and dequantizes a
+    head when it attends: the same answers for about its stored bytes instead of twice them, at some cost
+    per token (docs/experiments/serve.md).
     """
     t0 = time.perf_counter()
     doc_id = doc  # the public keyword names the document by its id
@@ -236,7 +242,9 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
         where = str(path)
     lm = resolve_model_for(manifest, model)
     check_model(manifest, lm, where)
-    art = _library.read(path, doc_id, verify=verify) if library else _artifact.read(path, verify=verify)
-    loaded = Doc(artifact=art, lm=lm)
+    codes = resident == "codes"
+    art = (_library.read(path, doc_id, verify=verify, keep_codes=codes) if library
+           else _artifact.read(path, verify=verify, keep_codes=codes))
+    loaded = Doc(artifact=art, lm=lm, resident=resident)
     loaded.load_s = time.perf_counter() - t0
     return loaded

@@ -45,3 +45,20 @@ def test_run_returns_its_result_and_leaves_the_document_pristine(tmp_path, tiny_
     assert doc.run(QUESTIONS[0], max_new_tokens=6).ids == first.ids
     assert doc.resident_kv_bytes() == before
     assert not hasattr(doc, "last")
+
+
+def test_quantized_codes_resident_answer_like_dequantized_on_load(tmp_path, tiny_model):
+    (tmp_path / "alpha.txt").write_text(TEXTS["alpha"])
+    for quant in ("int8", "int4"):
+        for out in (tmp_path / f"kv-{quant}", tmp_path / f"lib-{quant}.zarr"):
+            kvforge.build([tmp_path / "alpha.txt"], out, method="knorm", keep=0.5, model=tiny_model, quant=quant,
+                          progress=False)
+            path, doc = (out / "alpha.kv", None) if out.suffix != ".zarr" else (out, "alpha")
+            flat = kvforge.load(path, model=tiny_model, doc=doc)
+            codes = kvforge.load(path, model=tiny_model, doc=doc, resident="codes")
+            assert codes.document.prefix.layers[0].codes is not None and not codes.artifact.kv.keys
+            assert codes.answer_ids(QUESTIONS[0], max_new_tokens=10) == flat.answer_ids(QUESTIONS[0], max_new_tokens=10)
+            probe = flat.answer_ids(QUESTIONS[1], max_new_tokens=6) or [5, 6]
+            assert (codes.logits(QUESTIONS[1], probe) == flat.logits(QUESTIONS[1], probe)).all()  # bit for bit
+            # codes cost what is stored (plus scales), not the dequantized float16
+            assert codes.resident_kv_bytes() < (0.6 if quant == "int8" else 0.35) * flat.resident_kv_bytes()

@@ -310,3 +310,20 @@ def test_exposure_beyond_loopback_needs_a_key(library):
 def test_documents_for_another_model_are_refused(library, other_llama):
     with pytest.raises(kvforge.KvforgeError, match="another model"):
         prepare([str(library["kv"])], model=other_llama)
+
+
+def test_quantized_documents_stay_quantized_in_the_lru(tmp_path, tiny_llama):
+    from kvforge.decoder import Decoder
+    from kvforge.serve.registry import Registry, scan
+
+    (tmp_path / "q.txt").write_text(TEXTS["del-doc"])
+    kvforge.build([tmp_path / "q.txt"], tmp_path / "q8.zarr", method="knorm", keep=0.5, model=tiny_llama,
+                  quant="int8", progress=False)
+    lm = load_model(tiny_llama)
+    registry = Registry(scan([str(tmp_path / "q8.zarr")]), lm, 1 << 30)
+    document, _ = registry.get("q")
+    entry = registry.entries["q"]
+    assert document.resident_bytes() == entry.resident_bytes  # the LRU's estimate is exact
+    flat = kvforge.load(tmp_path / "q8.zarr", model=lm, doc="q")
+    assert document.resident_bytes() < 0.6 * flat.resident_kv_bytes()
+    assert Decoder(lm).run(document, QUESTION, 12).ids == flat.answer_ids(QUESTION, 12)

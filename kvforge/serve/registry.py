@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import artifact as _artifact
 from .. import library as _library
+from .. import quantize as _quant
 from ..doccache import DocumentCache
 from ..errors import KvforgeError, ResourceLimitError
 from ..runtime import check_model
@@ -35,11 +36,18 @@ class Entry:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes its keys and values will hold once loaded (the LRU's unit), from the manifest alone."""
+        """Bytes its keys and values will hold once loaded (the LRU's unit), from the manifest alone.
+
+        A quantized document stays quantized (its codes and scales, ``DocumentCache(resident="codes")``).
+        """
         m, storage = self.manifest["model"], self.manifest["storage"]
-        n, d = int(self.manifest["compression"]["kept_entries"]), int(m["head_dim"])
+        n, d, h = int(self.manifest["compression"]["kept_entries"]), int(m["head_dim"]), int(m["num_kv_heads"])
+        beta = 4 * n if storage["has_beta"] else 0
+        if storage["quantization"] != "none":
+            width = d * _quant.bits_of(storage["quantization"]) // 8
+            return 2 * n * width + 2 * n + int(m["num_layers"]) * 2 * h * d * 2 + beta
         item = _artifact.STORAGE_DTYPES[storage["dtype"]].itemsize
-        return 2 * n * d * item + (4 * n if storage["has_beta"] else 0)
+        return 2 * n * d * item + beta
 
 
 def scan(sources: list[str]) -> list[Entry]:
@@ -121,12 +129,12 @@ class Registry:
                     f"bound of {self.max_resident_bytes} (kvforge serve --max-resident-mb)")
             t0 = time.perf_counter()
             if entry.in_library:
-                art = _library.read(entry.container, doc_id, verify=self.verify)
+                art = _library.read(entry.container, doc_id, verify=self.verify, keep_codes=True)
             else:
-                art = _artifact.read(entry.container, verify=self.verify)
+                art = _artifact.read(entry.container, verify=self.verify, keep_codes=True)
             if art.manifest != entry.manifest:
                 raise KvforgeError(f"{entry.container}: document {doc_id!r} changed since the server started")
-            document = DocumentCache.for_model(art, self.lm)
+            document = DocumentCache.for_model(art, self.lm, resident="codes")  # quantized stays quantized
             seconds = time.perf_counter() - t0
             with self._lock:
                 self._loaded[doc_id] = document

@@ -118,6 +118,21 @@ class Guard:
         return None
 
 
+class _Stream(StreamingResponse):
+    """A streamed response that always runs ``cleanup`` (the generator's own ``finally`` does not run
+    when the response is dropped before its first chunk)."""
+
+    def __init__(self, content, cleanup, **kwargs):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
 class Service:
     """The routes' shared state: documents, the engine, the limits, the metrics, the in-flight count."""
 
@@ -268,10 +283,18 @@ def create_app(registry: Registry, engine: Engine, *, api_key: str | None = None
                 return Response(status_code=499)
             text = service.lm.tokenizer.decode(ids, skip_special_tokens=True)
             return schema.chat_completion(cid, created, req.model, text, job.stats, document)
-        return StreamingResponse(_stream(job, document, req, cid, created), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        released = []
 
-    async def _stream(job, document, req, cid, created):
+        def finish() -> None:  # once, whichever of the generator and the response ends first
+            job.cancel()
+            if not released:
+                released.append(True)
+                service.release()
+
+        return _Stream(_stream(job, document, req, cid, created, finish), finish, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream(job, document, req, cid, created, finish):
         text = TextStream(service.lm.tokenizer)
         try:
             yield schema.sse(schema.chunk(cid, created, req.model, {"role": "assistant", "content": ""}))
@@ -293,8 +316,7 @@ def create_app(registry: Registry, engine: Engine, *, api_key: str | None = None
                                   "model": req.model, "choices": [], "usage": schema.usage(job.stats, document)})
             yield schema.SSE_DONE
         finally:  # also when the client went away: the generator is closed, the job leaves the batch
-            job.cancel()
-            service.release()
+            finish()
 
     @app.post("/v1/documents/{doc_id}/answer")
     async def answer(doc_id: str, request: Request):

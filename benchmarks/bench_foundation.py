@@ -81,10 +81,8 @@ def main() -> None:
             t0 = time.perf_counter()
             doc = kvforge.load(art, model=lm)
             load_a.append(time.perf_counter() - t0)
-            doc.answer_ids(QUESTION, max_new_tokens=1)
-            ttft_a.append(doc.last.ttft_s)  # first question after the load
-            doc.answer_ids(QUESTION, max_new_tokens=1)
-            ttft_w.append(doc.last.ttft_s)  # a later question on the loaded document
+            ttft_a.append(doc.run(QUESTION, max_new_tokens=1).stats.ttft_s)  # first question after the load
+            ttft_w.append(doc.run(QUESTION, max_new_tokens=1).stats.ttft_s)  # a later question on the loaded document
         fp16_full = 2 * lm.info.num_layers * lm.info.num_kv_heads * lm.info.head_dim * 2
         row.update({
             "ttft_text_s": median(ttft_t),

@@ -40,14 +40,14 @@ def build(sources, out, method="compactor", keep=0.5, model=None, **options):
     return _build(sources, out, method=method, keep=keep, model=model, **options)
 
 
-def load(path, model=None, *, verify=True, doc=None):
+def load(path, model=None, *, verify=True, doc=None, resident="float"):
     """Load an artifact (a .kv file, or document ``doc`` of a zarr library) bound to its model.
 
-    See :func:`kvforge.runtime.load`.
+    ``resident="codes"`` keeps a quantized document's codes in memory. See :func:`kvforge.runtime.load`.
     """
     from .runtime import load as _load
 
-    return _load(path, model=model, verify=verify, doc=doc)
+    return _load(path, model=model, verify=verify, doc=doc, resident=resident)
 
 
 def load_model(model=None):

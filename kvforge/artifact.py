@@ -40,6 +40,7 @@ class Artifact:
     kv: CompressedKV
     path: str = ""
     file_bytes: int = 0
+    codes: list | None = None  # per layer quantize.QuantizedLayer, when read with keep_codes of a quantized file
 
     @property
     def logical_length(self) -> int:
@@ -204,11 +205,29 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     return manifest, header, 8 + n
 
 
-def read(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
-    """Load and check a ``.kv`` artifact. ``verify=False`` skips only the tensor digest."""
+def read(path: str | os.PathLike, *, verify: bool = True, keep_codes: bool = False) -> Artifact:
+    """Load and check a ``.kv`` artifact. ``verify=False`` skips only the tensor digest.
+
+    ``keep_codes``: a quantized artifact also keeps its stored codes (``Artifact.codes``), for a runtime
+    that holds them resident instead of the dequantized keys and values.
+    """
     manifest, tensors, nbytes = read_stored(path)
     kv = from_tensors(tensors, manifest, str(path), verify=verify)
-    return Artifact(manifest=manifest, kv=kv, path=str(path), file_bytes=nbytes)
+    return Artifact(manifest=manifest, kv=kv, path=str(path), file_bytes=nbytes,
+                    codes=stored_codes(tensors, manifest) if keep_codes else None)
+
+
+def stored_codes(tensors: dict, manifest: dict) -> list | None:
+    """Per layer :class:`~kvforge.quantize.QuantizedLayer` of checked stored tensors (None when not quantized)."""
+    storage = manifest["storage"]
+    if storage["quantization"] == "none":
+        return None
+    bits, dim = _quant.bits_of(storage["quantization"]), manifest["model"]["head_dim"]
+    dtype = STORAGE_DTYPES[storage["dtype"]]
+    return [_quant.QuantizedLayer(tensors[f"layer.{l}.keys"], tensors[f"layer.{l}.key_scale"],
+                                  tensors[f"layer.{l}.key_min"], tensors[f"layer.{l}.values"],
+                                  tensors[f"layer.{l}.value_scale"], bits, dim, dtype)
+            for l in range(manifest["model"]["num_layers"])]
 
 
 def read_stored(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], int]:

@@ -25,6 +25,7 @@ from .ragged import CompressedKV
 
 ATTN_NAME = "kvforge"
 _TAG = "_kvforge_ragged_layer"
+_BATCH_TAG = "_kvforge_ragged_batch"
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -34,10 +35,12 @@ class RaggedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, keys, values, beta, offsets: list[int], num_heads: int, head_dim: int,
-                 logical_length: int, compute_dtype: torch.dtype):
+                 logical_length: int, compute_dtype: torch.dtype, codes=None):
         super().__init__()
-        self.prefix_keys = keys  # (N, D), storage dtype
+        self.prefix_keys = keys  # (N, D), storage dtype; None when ``codes`` hold the prefix
         self.prefix_values = values  # (N, D)
+        self.codes = codes  # quantize.QuantizedLayer: stored codes, a head dequantized when it attends
+        self.device = (keys if codes is None else codes.key_codes).device
         self.prefix_beta = beta  # (N,) float32 or None
         self.offsets = offsets  # H + 1 ints
         sizes = {b - a for a, b in zip(offsets[:-1], offsets[1:])}
@@ -51,8 +54,17 @@ class RaggedLayer(CacheLayerMixin):
 
     def _empty_suffix(self) -> None:
         shape = (1, self.num_heads, 0, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.compute_dtype)
-        self.values = torch.zeros(shape, dtype=self.compute_dtype)
+        device = self.device  # the suffix lives where the prefix does
+        self.keys = torch.zeros(shape, dtype=self.compute_dtype, device=device)
+        self.values = torch.zeros(shape, dtype=self.compute_dtype, device=device)
+
+    def fork(self) -> "RaggedLayer":
+        """A layer over the same read-only prefix tensors with an empty suffix of its own (no copy)."""
+        twin = RaggedLayer.__new__(RaggedLayer)
+        CacheLayerMixin.__init__(twin)
+        twin.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("keys", "values")})
+        twin._empty_suffix()
+        return twin
 
     def lazy_initialization(self, key_states, value_states) -> None:  # initialized at construction
         return None
@@ -90,8 +102,25 @@ class RaggedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._empty_suffix()
 
+    def head_prefix(self, h: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head ``h``'s prefix keys and values (n_h, D) in ``dtype`` (dequantized now when held as codes)."""
+        a, b = self.offsets[h], self.offsets[h + 1]
+        if self.codes is not None:
+            return self.codes.keys(a, b, h).to(dtype), self.codes.values(a, b).to(dtype)
+        return self.prefix_keys[a:b].to(dtype), self.prefix_values[a:b].to(dtype)
+
+    def full_prefix(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's prefix keys and values, head-major (N, D), in ``dtype``."""
+        if self.codes is None:
+            return self.prefix_keys.to(dtype), self.prefix_values.to(dtype)
+        keys = torch.cat([self.codes.keys(self.offsets[h], self.offsets[h + 1], h) for h in range(self.num_heads)])
+        return keys.to(dtype), self.codes.values(0, self.offsets[-1]).to(dtype)
+
     def resident_bytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in (self.prefix_keys, self.prefix_values, self.keys, self.values))
+        prefix = (self.prefix_keys, self.prefix_values) if self.codes is None else ()
+        total = sum(t.numel() * t.element_size() for t in (*prefix, self.keys, self.values))
+        if self.codes is not None:
+            total += self.codes.nbytes()
         if self.prefix_beta is not None:
             total += self.prefix_beta.numel() * self.prefix_beta.element_size()
         return total
@@ -104,13 +133,16 @@ class RaggedCache(Cache):
     tokens). ``reset()`` / ``crop(logical_length)`` drop what a question appended.
     """
 
-    def __init__(self, kv: CompressedKV, logical_length: int, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, kv: CompressedKV, logical_length: int, compute_dtype: torch.dtype = torch.float32,
+                 codes: list | None = None):
+        """``codes``: per layer ``quantize.QuantizedLayer`` to hold instead of ``kv``'s keys and values."""
         heads = kv.lengths.shape[1]
-        head_dim = kv.keys[0].shape[-1]
+        head_dim = codes[0].dim if codes else kv.keys[0].shape[-1]
         layers = [
-            RaggedLayer(kv.keys[l], kv.values[l], kv.beta[l] if kv.beta is not None else None,
-                        kv.layer_offsets(l), heads, head_dim, logical_length, compute_dtype)
-            for l in range(len(kv.keys))
+            RaggedLayer(None if codes else kv.keys[l], None if codes else kv.values[l],
+                        kv.beta[l] if kv.beta is not None else None, kv.layer_offsets(l), heads, head_dim,
+                        logical_length, compute_dtype, codes=codes[l] if codes else None)
+            for l in range(kv.lengths.shape[0])
         ]
         super().__init__(layers=layers)
         self.logical_length = logical_length
@@ -118,9 +150,60 @@ class RaggedCache(Cache):
     def resident_bytes(self) -> int:
         return sum(layer.resident_bytes() for layer in self.layers)
 
+    def fork(self) -> "RaggedCache":
+        """A fresh cache over the same prefix tensors: what a question appends stays in its own fork."""
+        twin = RaggedCache.__new__(RaggedCache)
+        Cache.__init__(twin, layers=[layer.fork() for layer in self.layers])
+        twin.logical_length = self.logical_length
+        return twin
+
     @property
     def suffix_length(self) -> int:
         return self.layers[0].suffix_length
+
+
+class _BatchedLayer(CacheLayerMixin):
+    """One layer of a :class:`BatchedRaggedCache`: row b of every update goes to member b's own layer."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, members: list[RaggedLayer]):
+        super().__init__()
+        self.members = members
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return None
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        # key_states: (B, H_kv, 1, D); each row joins its own sequence's suffix
+        rows = [m.update(key_states[b:b + 1], value_states[b:b + 1]) for b, m in enumerate(self.members)]
+        setattr(key_states, _BATCH_TAG, rows)  # the attention function attends row by row, each on its own cache
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return max(m.get_seq_length() for m in self.members)
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
+class BatchedRaggedCache(Cache):
+    """Several :class:`RaggedCache` as one batch for a decode step: one new token per row.
+
+    Rows may be different documents at different lengths; the projections and MLPs run once for the
+    batch, the attention of each row runs over its own ragged prefix and suffix. Pass explicit
+    ``position_ids`` (B, 1): each row continues at its own logical length.
+    """
+
+    def __init__(self, caches: list[RaggedCache]):
+        layers = [_BatchedLayer([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))]
+        super().__init__(layers=layers)
+        self.members = caches
 
 
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -129,6 +212,10 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     query: (1, H_q, T, D); key / value: (1, H_kv, S, D), the dense suffix whose
     last T entries are the current tokens. Returns (1, T, H_q, D).
     """
+    rows = getattr(key, _BATCH_TAG, None)
+    if rows is not None:  # a batched decode step: each row on its own ragged cache
+        return torch.cat([ragged_attention(module, query[b:b + 1], k, v, None, scaling=scaling)[0]
+                          for b, (k, v) in enumerate(rows)]), None
     layer = getattr(key, _TAG, None)
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -148,8 +235,7 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     for h in range(n_kv):
         q = query[0, h * group:(h + 1) * group]  # (G, T, D)
         a, b = layer.offsets[h], layer.offsets[h + 1]
-        kp = layer.prefix_keys[a:b].to(query.dtype)  # (n_h, D)
-        vp = layer.prefix_values[a:b].to(query.dtype)
+        kp, vp = layer.head_prefix(h, query.dtype)  # (n_h, D)
         s_pre = torch.matmul(q, kp.T) * scale  # (G, T, n_h)
         if layer.prefix_beta is not None:
             s_pre = s_pre + layer.prefix_beta[a:b].to(query.dtype)
@@ -168,8 +254,8 @@ def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) ->
     """
     n_kv, D = key.shape[1], key.shape[3]
     n = layer.offsets[1]
-    kp = layer.prefix_keys.view(1, n_kv, n, D).to(query.dtype)
-    vp = layer.prefix_values.view(1, n_kv, n, D).to(query.dtype)
+    keys, values = layer.full_prefix(query.dtype)
+    kp, vp = keys.view(1, n_kv, n, D), values.view(1, n_kv, n, D)
     k = torch.cat([kp, key], dim=2)  # (1, H_kv, n + S, D)
     v = torch.cat([vp, value], dim=2)
     mask = None

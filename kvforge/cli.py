@@ -47,6 +47,7 @@ def cli():
       kvforge build docs/ -o lib.zarr --keep 0.25 --quant int8     # one zarr library
       kvforge query lib.zarr --doc notes "What is the deadline?"
       kvforge convert lib.zarr lib.zarr.zip && kvforge verify lib.zarr.zip
+      kvforge serve lib.zarr                                        # OpenAI-compatible HTTP on 127.0.0.1:8000
 
     Environment: KVFORGE_HOME (model cache, default ~/.cache/kvforge),
     KVFORGE_MODEL (default model).
@@ -160,8 +161,8 @@ def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify)
     t0 = time.perf_counter()
     doc = load(artifact, model=model, verify=not no_verify, doc=doc_id)
     if as_json:
-        answer = doc.answer(question, max_new_tokens=max_new_tokens)
-        _emit_json(doc.answer_report(question, answer, source=str(artifact), started=t0))
+        result = doc.run(question, max_new_tokens=max_new_tokens)
+        _emit_json(doc.answer_report(result, source=str(artifact), started=t0, question=question))
     else:
         doc.answer(question, max_new_tokens=max_new_tokens,
                    on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -262,6 +263,51 @@ def convert(source, dest, doc_id, overwrite, as_json):
     else:
         click.echo(f"{len(report.documents)} document(s): {report.source} ({report.bytes_in} bytes) -> "
                    f"{report.dest} ({report.bytes_out} bytes)")
+
+
+@cli.command()
+@click.argument("libraries", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything beyond loopback needs --api-key")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="KVFORGE_API_KEY", default=None, show_envvar=True,
+              help="clients send Authorization: Bearer KEY on every route but /healthz (prefer the environment "
+                   "variable: a command line is visible to other users)")
+@click.option("--max-resident-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="bound on the loaded documents' KV bytes; the least recently used are dropped past it")
+@click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP + " (default: the documents' own)")
+@click.option("--max-concurrent", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="requests generating at once (decoded together, one batch per step); more get 429")
+@click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="the largest max_tokens a request may ask for")
+@click.option("--max-question-tokens", default=2048, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--max-body-kb", default=256, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--no-batch", is_flag=True, help="feed concurrent requests one at a time per step instead of batched")
+@click.option("--no-verify", is_flag=True, help="skip the tensor checksum when a document loads")
+def serve(libraries, host, port, api_key, max_resident_mb, model, max_concurrent, max_tokens, max_question_tokens,
+          max_body_kb, no_batch, no_verify):
+    """Answer from LIBRARIES (.kv files or folders, lib.zarr, lib.zarr.zip) over HTTP, OpenAI-compatible.
+
+    \b
+      kvforge serve examples/out
+      curl localhost:8000/v1/models
+      curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+        -d '{"model": "for-statement", "messages": [{"role": "user", "content": "What starts a loop?"}]}'
+
+    Each document is a "model" (its id); documents load on first use into an LRU bounded by
+    --max-resident-mb. Routes: /v1/models, /v1/chat/completions (stream or not),
+    /v1/documents/ID/answer (kvforge query --json's fields), /healthz, /metrics.
+    """
+    from .serve.schema import Limits
+    from .serve.server import serve as run_serve
+
+    limits = Limits(max_body_bytes=max_body_kb * 1024, max_question_tokens=max_question_tokens,
+                    max_tokens=max_tokens, default_max_tokens=min(256, max_tokens), max_concurrent=max_concurrent)
+    run_serve(list(libraries), host=host, port=port, api_key=api_key, model=model,
+              max_resident_bytes=int(max_resident_mb * 1024 * 1024), limits=limits, batch=not no_batch,
+              verify=not no_verify,
+              on_ready=lambda p: click.echo(f"serving {len(p.registry.entries)} document(s) on http://{host}:{port}"
+                                            + (" (API key required)" if api_key else ""), err=True))
 
 
 @cli.command()

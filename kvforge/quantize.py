@@ -24,6 +24,8 @@ nibble). Shapes: codes ``(N, D * bits / 8)`` uint8; key scale and minimum
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 SCHEMES = {"none": 16, "int8": 8, "int4": 4}
@@ -112,3 +114,40 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, bits: int, dim: 
     """Inverse of :func:`quantize_values`: (N, D) float32."""
     q = unpack(codes, bits, dim).float() - (1 << (bits - 1))
     return q * scale.float()[:, None]
+
+
+@dataclass
+class QuantizedLayer:
+    """One layer's stored codes, kept resident; a head's slice is dequantized when attention reads it.
+
+    key_codes / value_codes: (N, D * bits / 8) uint8; key_scale / key_min: (H, D) float16 (per head and
+    channel); value_scale: (N,) float16 (per entry); ``dtype``: the storage dtype the load-time path
+    dequantizes to, so that the values attention sees are bit-identical to a document dequantized on load.
+    """
+
+    key_codes: torch.Tensor
+    key_scale: torch.Tensor
+    key_min: torch.Tensor
+    value_codes: torch.Tensor
+    value_scale: torch.Tensor
+    bits: int
+    dim: int
+    dtype: torch.dtype
+
+    def keys(self, a: int, b: int, head: int) -> torch.Tensor:
+        """Rows a:b (all of head ``head``), as :func:`dequantize_keys` then ``.to(dtype)`` would give them."""
+        q = unpack(self.key_codes[a:b], self.bits, self.dim).float()
+        return (self.key_min[head].float() + q * self.key_scale[head].float()).to(self.dtype)
+
+    def values(self, a: int, b: int) -> torch.Tensor:
+        q = unpack(self.value_codes[a:b], self.bits, self.dim).float() - (1 << (self.bits - 1))
+        return (q * self.value_scale[a:b].float()[:, None]).to(self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.key_codes, self.key_scale, self.key_min, self.value_codes, self.value_scale))
+
+    def to(self, device) -> "QuantizedLayer":
+        move = lambda t: t.to(device)  # noqa: E731
+        return QuantizedLayer(move(self.key_codes), move(self.key_scale), move(self.key_min), move(self.value_codes),
+                              move(self.value_scale), self.bits, self.dim, self.dtype)

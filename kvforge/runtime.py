@@ -2,12 +2,13 @@
 
     doc = kvforge.load("out/json-module.kv")
     doc.answer("Which function parses a JSON string?")
+    doc.run(question)                # Answer: text, ids, stats (ttft, tokens/s, finish reason)
     doc.logits(question, answer)     # (answer_tokens, vocab), teacher-forced
     doc.cache()                      # a transformers Cache for model.generate
 
 Question tokens continue at the document's logical length, whatever the
 number of kept entries. Every question starts from the pristine document cache:
-what one question appends is dropped before the next.
+it runs in its own fork of the prefix (``doccache``), decoded by ``decoder``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 
 from . import artifact as _artifact
 from . import library as _library
-from .attention import RaggedCache, use_ragged_attention
-from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError, ResourceLimitError
+from .attention import RaggedCache
+from .decoder import Answer, AnswerStats, Decoder  # noqa: F401  (AnswerStats: re-exported)
+from .doccache import DocumentCache
+from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError
 from .manifest import make_manifest
 from .model import EMBEDDED, LoadedModel, Template, load_model
 from .ragged import CompressedKV
@@ -32,32 +35,24 @@ IDENTITY_FIELDS = ("weights_sha256", "tokenizer_sha256", "architecture", "num_la
 
 
 @dataclass
-class AnswerStats:
-    """Timings and sizes of the last answer (``kvforge query --json``)."""
-
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    new_tokens: int = 0
-    question_tokens: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
-@dataclass
 class Doc:
-    """A loaded artifact bound to its model."""
+    """A loaded artifact bound to its model: a :class:`DocumentCache` and the :class:`Decoder` that answers over it.
+
+    Every method returns its result; nothing about a question is stored, so one Doc answers from
+    several threads at once and no question leaks into the next.
+    """
 
     artifact: _artifact.Artifact
     lm: LoadedModel
     load_s: float = 0.0
-    last: AnswerStats = field(default_factory=AnswerStats)
+    resident: str = "float"  # "codes": a quantized document keeps its codes resident (see DocumentCache)
+    document: DocumentCache = field(init=False, repr=False)
+    decoder: Decoder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        use_ragged_attention(self.lm.model)
-        self._cache = RaggedCache(self.artifact.kv, self.logical_length,
-                                  compute_dtype=next(self.lm.model.parameters()).dtype)
+        self.decoder = Decoder(self.lm)
+        self.document = DocumentCache.for_model(self.artifact, self.lm, resident=self.resident)
+        self.artifact = self.document.artifact  # with resident="codes", the one without float keys
 
     @classmethod
     def from_kv(cls, lm: LoadedModel, compressed: CompressedKV, logical_length: int,
@@ -80,31 +75,32 @@ class Doc:
 
     @property
     def template(self) -> Template:
-        t = self.manifest["template"]
-        return Template(t["doc_prefix"], t["question_prefix"], t["question_suffix"], t["bos_token_id"])
+        return self.document.template
 
     @property
     def kept_entries(self) -> int:
-        return int(self.manifest["compression"]["kept_entries"])
+        return self.document.kept_entries
 
     @property
     def kept_tokens(self) -> float:
         """Kept entries per (layer, head): the physical length an average head holds."""
-        m = self.manifest["model"]
-        return self.kept_entries / (m["num_layers"] * m["num_kv_heads"])
+        return self.document.kept_tokens
 
     def resident_kv_bytes(self) -> int:
-        """Bytes the loaded document cache holds (prefix as stored, plus any suffix)."""
-        return self._cache.resident_bytes()
+        """Bytes the loaded document cache holds (the prefix as stored; a question's suffix is its own)."""
+        return self.document.resident_bytes()
 
-    def answer_report(self, question: str, answer: str, *, source: str, started: float) -> dict:
-        """The last answer with its timings and sizes (``kvforge query --json``).
+    def answer_report(self, result: Answer, *, source: str, started: float | None = None,
+                      question: str = "") -> dict:
+        """An answer with its timings and sizes (``kvforge query --json``).
 
-        source: the artifact's path as given; started: ``time.perf_counter()`` before the load.
+        result: what :meth:`run` returned; source: the artifact's path as given; started:
+        ``time.perf_counter()`` before the load (``total_s``; None: the answer's own time).
         """
-        stats = self.last
+        stats = result.stats
+        total = time.perf_counter() - started if started is not None else stats.ttft_s + stats.decode_s
         return {
-            "answer": answer,
+            "answer": result.text,
             "question": question,
             "artifact": source,
             "doc": self.manifest["document"]["id"],
@@ -119,19 +115,13 @@ class Doc:
             "keep": self.manifest["compression"]["keep_achieved"],
             "artifact_bytes": self.artifact.file_bytes,
             "resident_kv_bytes": self.resident_kv_bytes(),
-            "total_s": round(time.perf_counter() - started, 4),
+            "total_s": round(total, 4),
             "model": self.lm.info.name,
         }
 
     # -- answering ----------------------------------------------------------------------------
     def question_ids(self, question: str) -> list[int]:
-        ids = self.lm.encode_question(question, self.template)
-        if self.logical_length + len(ids) >= self.manifest["model"]["max_context"]:
-            raise ResourceLimitError(
-                f"the question ({len(ids)} tokens) does not fit after the document "
-                f"({self.logical_length} tokens) in the model's context of {self.manifest['model']['max_context']}"
-            )
-        return ids
+        return self.decoder.question_ids(self.document, question)
 
     def cache(self) -> RaggedCache:
         """A fresh transformers ``Cache`` of this document (shares the read-only prefix tensors).
@@ -139,8 +129,7 @@ class Doc:
         Use it with ``doc.generate_inputs(question)`` and ``model.generate``; batch size 1,
         greedy or sampling, no beam search.
         """
-        return RaggedCache(self.artifact.kv, self.logical_length,
-                           compute_dtype=next(self.lm.model.parameters()).dtype)
+        return self.document.fork()
 
     def generate_inputs(self, question: str) -> dict:
         """Keyword arguments for ``model.generate``: ids padded to the logical length, and a fresh cache.
@@ -151,68 +140,23 @@ class Doc:
         q = self.question_ids(question)
         pad = self.lm.tokenizer.pad_token_id
         pad = 0 if pad is None else pad
-        ids = torch.tensor([[pad] * self.logical_length + q], dtype=torch.long)
+        ids = torch.tensor([[pad] * self.logical_length + q], dtype=torch.long, device=self.decoder.device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache()}
-
-    @torch.inference_mode()
-    def _forward(self, ids: list[int], last_only: bool = False, rows: list[int] | None = None) -> torch.Tensor:
-        """Feed ``ids`` after the current cache content; logits (len(ids), vocab).
-
-        ``last_only``: only the last row; ``rows``: only these rows, in that order.
-        """
-        start = self._cache.get_seq_length()
-        pos = torch.arange(start, start + len(ids)).unsqueeze(0)
-        logits_to_keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long) if rows is not None else 0)
-        out = self.lm.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, position_ids=pos,
-                            cache_position=pos[0], use_cache=True, logits_to_keep=logits_to_keep)
-        return out.logits[0].float()
 
     def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[int]:
         """Greedy decoding; yields answer token ids (the stop token is not yielded)."""
-        q = self.question_ids(question)
-        stats = AnswerStats(question_tokens=len(q))
-        self.last = stats
-        with self.lm.lock:
-            self._cache.reset()
-            try:
-                t0 = time.perf_counter()
-                logits = self._forward(q, last_only=True)[-1]
-                stats.ttft_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                for _ in range(max_new_tokens):
-                    token = int(torch.argmax(logits))
-                    if token in self.lm.stop_ids:
-                        break
-                    stats.new_tokens += 1
-                    stats.decode_s = time.perf_counter() - t1
-                    yield token
-                    if stats.new_tokens == max_new_tokens:
-                        break
-                    if self.logical_length + self._cache.suffix_length + 1 >= self.manifest["model"]["max_context"]:
-                        break
-                    logits = self._forward([token], last_only=True)[-1]
-                stats.decode_s = time.perf_counter() - t1
-            finally:
-                self._cache.reset()
+        return self.decoder.stream(self.document, question, max_new_tokens)
+
+    def run(self, question: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None) -> Answer:
+        """The greedy answer with its ids and stats (time to first token, tokens per second, finish reason)."""
+        return self.decoder.run(self.document, question, max_new_tokens, on_text=on_text)
 
     def answer_ids(self, question: str, max_new_tokens: int = 64) -> list[int]:
         return list(self.stream(question, max_new_tokens))
 
     def answer(self, question: str, max_new_tokens: int = 64, on_text: Callable[[str], None] | None = None) -> str:
         """Greedy answer to ``question``; ``on_text`` receives the text as it grows (streaming)."""
-        ids: list[int] = []
-        shown = ""
-        for token in self.stream(question, max_new_tokens):
-            ids.append(token)
-            if on_text is not None:
-                text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):
-                    on_text(text[len(shown):])
-                    shown = text
-        text = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(shown):
-            on_text(text[len(shown):])
-        return text
+        return self.run(question, max_new_tokens, on_text=on_text).text
 
     def answer_token_ids(self, answer: str) -> list[int]:
         """The tokens ``answer`` would produce for this text (no leading space added)."""
@@ -234,20 +178,12 @@ class Doc:
         out = self.continuation_logits(q + a)
         return out[:-1] if include_question else out[len(q) - 1:-1]
 
-    @torch.inference_mode()
     def continuation_logits(self, ids: list[int], rows: list[int] | None = None) -> torch.Tensor:
         """Logits after feeding ``ids`` right after the document: (len(ids), vocab); row i predicts ids[i + 1].
 
         ``rows``: compute only these rows (len(rows), vocab), skipping the vocabulary projection of the others.
         """
-        if self.logical_length + len(ids) > self.manifest["model"]["max_context"]:
-            raise ResourceLimitError(f"{len(ids)} tokens do not fit after the document in the model's context")
-        with self.lm.lock:
-            self._cache.reset()
-            try:
-                return self._forward(list(ids), rows=rows)
-            finally:
-                self._cache.reset()
+        return self.decoder.continuation_logits(self.document, ids, rows=rows)
 
 
 def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:
@@ -279,7 +215,8 @@ def resolve_model_for(manifest: dict, model) -> LoadedModel:
                                  f"from {source!r})") from exc
 
 
-def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None) -> Doc:
+def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None,
+         resident: str = "float") -> Doc:
     """Load an artifact, check it against its model, and return a :class:`Doc`.
 
     ``path``: a ``.kv`` file, or a zarr library (``lib.zarr`` folder or ``lib.zarr.zip``) with ``doc``
@@ -287,6 +224,9 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
     ``model``: ``None`` (the artifact's own model if found, else ``$KVFORGE_MODEL`` or the embedded default),
     a model directory, ``"embedded"``, or a loaded model from a previous call.
     ``verify=False`` skips the tensor digest (structure, shapes and finiteness are always checked).
+    ``resident="codes"``: a quantized (int8 / int4) document keeps its codes in memory and dequantizes a
+    head when it attends: the same answers for about its stored bytes instead of twice them, at some cost
+    per token (docs/experiments/serve.md).
     """
     t0 = time.perf_counter()
     doc_id = doc  # the public keyword names the document by its id
@@ -302,7 +242,9 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
         where = str(path)
     lm = resolve_model_for(manifest, model)
     check_model(manifest, lm, where)
-    art = _library.read(path, doc_id, verify=verify) if library else _artifact.read(path, verify=verify)
-    loaded = Doc(artifact=art, lm=lm)
+    codes = resident == "codes"
+    art = (_library.read(path, doc_id, verify=verify, keep_codes=codes) if library
+           else _artifact.read(path, verify=verify, keep_codes=codes))
+    loaded = Doc(artifact=art, lm=lm, resident=resident)
     loaded.load_s = time.perf_counter() - t0
     return loaded

@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kvforge"
 
-RUNTIME_SIDE = ["kvforge.runtime", "kvforge.attention", "kvforge.artifact", "kvforge.library", "kvforge.manifest",
+RUNTIME_SIDE = ["kvforge.runtime", "kvforge.doccache", "kvforge.decoder", "kvforge.serve", "kvforge.attention", "kvforge.artifact", "kvforge.library", "kvforge.manifest",
                 "kvforge.containers", "kvforge.quantize", "kvforge.ragged", "kvforge.model", "kvforge.errors",
                 "kvforge.options", "kvforge.verify", "kvforge.convert"]
 BUILD_SIDE = ["kvforge.builder", "kvforge.methods", "kvforge.calibrate", "kvforge.budget", "kvforge.prefill",

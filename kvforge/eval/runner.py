@@ -144,8 +144,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                 if on_kv is not None:
                     on_kv(task, method, keep, compressed)
                 doc = full if method == "full" else Doc.from_kv(lm, compressed, T, {"name": method})
-                answer = lm.tokenizer.decode(doc.answer_ids(task.question, cfg.max_new_tokens),
-                                             skip_special_tokens=True)
+                result = doc.run(task.question, cfg.max_new_tokens)
+                answer = result.text
                 row = {
                     "task": task.id, "kind": task.kind, "target_length": task.target_length,
                     "source": task.source, "phrasings": task.phrasings, "split": task.split,
@@ -158,7 +158,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
                     else None,
                     "bytes_per_token": stored_bytes(compressed) / T,
                     "build_s_per_1k": 1000 * build_s / T,
-                    "ttft_s": doc.last.ttft_s,
+                    "ttft_s": result.stats.ttft_s,
                     "answer": answer, "expected": task.answers,
                 }
                 rows.append(row)

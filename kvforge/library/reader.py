@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..artifact import Artifact, from_tensors
+from ..artifact import Artifact, from_tensors, stored_codes
 from ..containers import guard
 from ..errors import FormatError, KvforgeError
 from ..manifest import parse_manifest
@@ -158,10 +158,11 @@ class Library:
         t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if spec.data_type == "uint16" else t
 
-    def read(self, doc_id: str, *, verify: bool = True) -> Artifact:
+    def read(self, doc_id: str, *, verify: bool = True, keep_codes: bool = False) -> Artifact:
         manifest, tensors, stored = self.read_stored(doc_id)
         kv = from_tensors(tensors, manifest, f"{self.path}:{doc_id}", verify=verify)
-        return Artifact(manifest=manifest, kv=kv, path=f"{self.path}:{doc_id}", file_bytes=stored)
+        return Artifact(manifest=manifest, kv=kv, path=f"{self.path}:{doc_id}", file_bytes=stored,
+                        codes=stored_codes(tensors, manifest) if keep_codes else None)
 
 
 def open_library(path: str | os.PathLike) -> Library:
@@ -173,10 +174,12 @@ def _guarded(fn):
 
 
 @_guarded
-def read(path: str | os.PathLike, doc_id: str | None = None, *, verify: bool = True) -> Artifact:
-    """Load one document of a library (folder or zip) without reading the others."""
+def read(path: str | os.PathLike, doc_id: str | None = None, *, verify: bool = True,
+         keep_codes: bool = False) -> Artifact:
+    """Load one document of a library (folder or zip) without reading the others (``keep_codes``: see
+    :func:`kvforge.artifact.read`)."""
     with open_library(path) as lib:
-        return lib.read(lib.resolve(doc_id), verify=verify)
+        return lib.read(lib.resolve(doc_id), verify=verify, keep_codes=keep_codes)
 
 
 @_guarded

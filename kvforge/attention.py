@@ -13,10 +13,13 @@ The attention function ``"kvforge"`` (registered with transformers'
 heads, one softmax over the head's own prefix entries (logit + beta) and the
 causal suffix, without padding the prefix or concatenating it with the suffix.
 For any other cache it falls back to transformers' SDPA attention, so a model
-switched to ``"kvforge"`` still prefills text normally.
+switched to ``"kvforge"`` still prefills text normally (through the model's own eager attention when it
+softcaps attention logits, which SDPA cannot). Every tensor it makes follows the query's device.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -51,8 +54,8 @@ class RaggedLayer(CacheLayerMixin):
 
     def _empty_suffix(self) -> None:
         shape = (1, self.num_heads, 0, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.compute_dtype)
-        self.values = torch.zeros(shape, dtype=self.compute_dtype)
+        self.keys = torch.zeros(shape, dtype=self.compute_dtype, device=self.prefix_keys.device)
+        self.values = torch.zeros(shape, dtype=self.compute_dtype, device=self.prefix_keys.device)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # initialized at construction
         return None
@@ -123,6 +126,26 @@ class RaggedCache(Cache):
         return self.layers[0].suffix_length
 
 
+def kv_to(kv: CompressedKV, device) -> CompressedKV:
+    """``kv``'s tensors on ``device`` (the same object when they are there already)."""
+    device = torch.device(device)
+    if kv.keys and kv.keys[0].device == device:
+        return kv
+    move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    return CompressedKV(lengths=kv.lengths, positions=kv.positions, keys=move(kv.keys), values=move(kv.values),
+                        beta=move(kv.beta) if kv.beta is not None else None)
+
+
+def text_attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+    """The attention of a plain text forward: the model's own eager one when it softcaps logits, else SDPA."""
+    if kwargs.get("softcap") is not None:
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return eager(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+
+
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for ``attn_implementation="kvforge"``.
 
@@ -131,29 +154,29 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """
     layer = getattr(key, _TAG, None)
     if layer is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return text_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _, n_q, T, D = query.shape
     n_kv, S = key.shape[1], key.shape[2]
     group = n_q // n_kv
     scale = scaling if scaling is not None else D ** -0.5
+    softcap = kwargs.get("softcap")  # Gemma 2: logits -> softcap * tanh(logits / softcap), before any bias
     # causal mask over the suffix: current token t sits at suffix index S - T + t
-    rows = torch.arange(T).unsqueeze(1) + (S - T)
-    blocked = torch.arange(S).unsqueeze(0) > rows  # (T, S)
-    if layer.uniform:
+    rows = torch.arange(T, device=query.device).unsqueeze(1) + (S - T)
+    blocked = torch.arange(S, device=query.device).unsqueeze(0) > rows  # (T, S)
+    if layer.uniform and softcap is None:
         return _uniform_attention(layer, query, key, value, blocked, scale), None
-    out = torch.empty(1, T, n_q, D, dtype=query.dtype)
+    out = torch.empty(1, T, n_q, D, dtype=query.dtype, device=query.device)
     for h in range(n_kv):
         q = query[0, h * group:(h + 1) * group]  # (G, T, D)
         a, b = layer.offsets[h], layer.offsets[h + 1]
         kp = layer.prefix_keys[a:b].to(query.dtype)  # (n_h, D)
         vp = layer.prefix_values[a:b].to(query.dtype)
         s_pre = torch.matmul(q, kp.T) * scale  # (G, T, n_h)
+        s_suf = torch.matmul(q, key[0, h].T) * scale  # (G, T, S)
+        if softcap is not None:
+            s_pre, s_suf = (torch.tanh(s / softcap) * softcap for s in (s_pre, s_suf))
         if layer.prefix_beta is not None:
             s_pre = s_pre + layer.prefix_beta[a:b].to(query.dtype)
-        s_suf = torch.matmul(q, key[0, h].T) * scale  # (G, T, S)
         s_suf = s_suf.masked_fill(blocked, float("-inf"))
         probs = torch.softmax(torch.cat([s_pre, s_suf], dim=-1).float(), dim=-1).to(query.dtype)
         o = torch.matmul(probs[..., : b - a], vp) + torch.matmul(probs[..., b - a:], value[0, h])  # (G, T, D)
@@ -174,7 +197,7 @@ def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) ->
     v = torch.cat([vp, value], dim=2)
     mask = None
     if bool(blocked.any()):
-        allowed = torch.ones(blocked.shape[0], n + blocked.shape[1], dtype=torch.bool)
+        allowed = torch.ones(blocked.shape[0], n + blocked.shape[1], dtype=torch.bool, device=query.device)
         allowed[:, n:] = ~blocked
         mask = allowed
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

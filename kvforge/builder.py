@@ -227,7 +227,7 @@ class _ZarrSink:
 def build(sources, out, method: str | dict | Compressor = "compactor", keep: float | str = 0.5, model=None, *,
           dtype: str = "float16", seed: int = 0, tolerance: float | None = None, quant: str = "none",
           allocate: str = "uniform", format: str | None = None, skip_bad: bool = False, force: bool = False,
-          progress: bool = True) -> BuildReport:
+          progress: bool = True, device: str | None = None, compute_dtype: str | None = None) -> BuildReport:
     """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``, or into one zarr library.
 
     sources: files (.txt / .md) and folders. All documents are read and checked before
@@ -252,7 +252,7 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
         raise ConfigError(f"{out}: build into a folder or a .zarr library; zip one for shipping with "
                           "`kvforge convert lib.zarr lib.zarr.zip`")
     documents, bad = load_corpus(sources, skip_bad=skip_bad)
-    lm = load_model(model)
+    lm = load_model(model, device=device, compute_dtype=compute_dtype)
     # tokenize and check every length first: a too-long document stops the build before any write
     encoded = {}
     for document in documents:

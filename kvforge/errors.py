@@ -38,9 +38,17 @@ class ModelNotFoundError(KvforgeError):
     """The requested model is not installed or not a model directory."""
 
 
+class UnsupportedModelError(KvforgeError):
+    """The model's architecture has layers kvforge cannot cache or compress (refused when it is loaded)."""
+
+
 class ResourceLimitError(KvforgeError):
     """An input exceeds a limit: the model's context, a size cap."""
 
 
 class ConfigError(KvforgeError):
     """An option has an invalid value (unknown method, keep out of range ...)."""
+
+
+class DeviceError(ConfigError):
+    """The asked device is not on this machine, or cannot compute in the asked dtype."""

@@ -21,7 +21,7 @@ import torch
 
 from . import artifact as _artifact
 from . import library as _library
-from .attention import RaggedCache, use_ragged_attention
+from .attention import RaggedCache, kv_to, use_ragged_attention
 from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError, ResourceLimitError
 from .manifest import make_manifest
 from .model import EMBEDDED, LoadedModel, Template, load_model
@@ -55,9 +55,12 @@ class Doc:
     last: AnswerStats = field(default_factory=AnswerStats)
 
     def __post_init__(self) -> None:
+        check_kv_shape(self.artifact.kv, self.lm, self.manifest["document"]["id"])
         use_ragged_attention(self.lm.model)
-        self._cache = RaggedCache(self.artifact.kv, self.logical_length,
-                                  compute_dtype=next(self.lm.model.parameters()).dtype)
+        param = next(self.lm.model.parameters())
+        self._device, self._dtype = param.device, param.dtype
+        self._kv = kv_to(self.artifact.kv, self._device)  # the artifact's tensors, once, where the model is
+        self._cache = RaggedCache(self._kv, self.logical_length, compute_dtype=self._dtype)
 
     @classmethod
     def from_kv(cls, lm: LoadedModel, compressed: CompressedKV, logical_length: int,
@@ -139,8 +142,7 @@ class Doc:
         Use it with ``doc.generate_inputs(question)`` and ``model.generate``; batch size 1,
         greedy or sampling, no beam search.
         """
-        return RaggedCache(self.artifact.kv, self.logical_length,
-                           compute_dtype=next(self.lm.model.parameters()).dtype)
+        return RaggedCache(self._kv, self.logical_length, compute_dtype=self._dtype)
 
     def generate_inputs(self, question: str) -> dict:
         """Keyword arguments for ``model.generate``: ids padded to the logical length, and a fresh cache.
@@ -151,7 +153,7 @@ class Doc:
         q = self.question_ids(question)
         pad = self.lm.tokenizer.pad_token_id
         pad = 0 if pad is None else pad
-        ids = torch.tensor([[pad] * self.logical_length + q], dtype=torch.long)
+        ids = torch.tensor([[pad] * self.logical_length + q], dtype=torch.long, device=self._device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": self.cache()}
 
     @torch.inference_mode()
@@ -161,11 +163,13 @@ class Doc:
         ``last_only``: only the last row; ``rows``: only these rows, in that order.
         """
         start = self._cache.get_seq_length()
-        pos = torch.arange(start, start + len(ids)).unsqueeze(0)
-        logits_to_keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long) if rows is not None else 0)
-        out = self.lm.model(input_ids=torch.tensor([ids]), past_key_values=self._cache, position_ids=pos,
-                            cache_position=pos[0], use_cache=True, logits_to_keep=logits_to_keep)
-        return out.logits[0].float()
+        dev = self._device
+        pos = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)
+        logits_to_keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long, device=dev)
+                                              if rows is not None else 0)
+        out = self.lm.model(input_ids=torch.tensor([ids], device=dev), past_key_values=self._cache,
+                            position_ids=pos, cache_position=pos[0], use_cache=True, logits_to_keep=logits_to_keep)
+        return out.logits[0].float().cpu()
 
     def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[int]:
         """Greedy decoding; yields answer token ids (the stop token is not yielded)."""
@@ -250,6 +254,17 @@ class Doc:
                 self._cache.reset()
 
 
+def check_kv_shape(kv: CompressedKV, lm: LoadedModel, where: str) -> None:
+    """Refuse a cache whose (layers, KV heads, head dim) are not the loaded model's, naming both."""
+    got = (int(kv.lengths.shape[0]), int(kv.lengths.shape[1]), int(kv.keys[0].shape[-1]) if kv.keys else 0)
+    info = lm.info
+    want = (info.num_layers, info.num_kv_heads, info.head_dim)
+    if got != want:
+        raise IncompatibleModelError(
+            f"{where}: the cache holds {got[0]} layers x {got[1]} KV heads x head dim {got[2]}, but the loaded "
+            f"model {info.name!r} has {want[0]} x {want[1]} x {want[2]}; load it with the model it was built for")
+
+
 def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:
     """Refuse an artifact built for another model, listing every field that differs."""
     built, have = manifest["model"], lm.info.to_dict()
@@ -263,23 +278,26 @@ def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:
         )
 
 
-def resolve_model_for(manifest: dict, model) -> LoadedModel:
-    """The model to use: the one given, else the artifact's own source when it is here, else the default."""
+def resolve_model_for(manifest: dict, model, **where) -> LoadedModel:
+    """The model to use: the one given, else the artifact's own source when it is here, else the default.
+
+    ``where``: ``device`` and ``compute_dtype`` for :func:`kvforge.model.load_model`."""
     if model is not None:
-        return load_model(model)
+        return load_model(model, **where)
     if os.environ.get("KVFORGE_MODEL"):
-        return load_model(None)
+        return load_model(None, **where)
     source = manifest["model"].get("source", "")
     if source and source != EMBEDDED and os.path.isdir(source):
-        return load_model(source)
+        return load_model(source, **where)
     try:
-        return load_model(EMBEDDED if source == EMBEDDED else None)
+        return load_model(EMBEDDED if source == EMBEDDED else None, **where)
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"{exc} (the artifact was built for {manifest['model'].get('name')!r} "
                                  f"from {source!r})") from exc
 
 
-def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None) -> Doc:
+def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None,
+         device: str | None = None, compute_dtype: str | None = None) -> Doc:
     """Load an artifact, check it against its model, and return a :class:`Doc`.
 
     ``path``: a ``.kv`` file, or a zarr library (``lib.zarr`` folder or ``lib.zarr.zip``) with ``doc``
@@ -287,6 +305,8 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
     ``model``: ``None`` (the artifact's own model if found, else ``$KVFORGE_MODEL`` or the embedded default),
     a model directory, ``"embedded"``, or a loaded model from a previous call.
     ``verify=False`` skips the tensor digest (structure, shapes and finiteness are always checked).
+    ``device`` / ``compute_dtype``: where and how the model computes (kvforge.devices; ``None``: the
+    environment or auto); an artifact answers the same from any of them.
     """
     t0 = time.perf_counter()
     doc_id = doc  # the public keyword names the document by its id
@@ -300,7 +320,7 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
                                "not to a .kv file")
         manifest, _, _ = _artifact.read_header(path)  # cheap: refuse a wrong model before reading tensors
         where = str(path)
-    lm = resolve_model_for(manifest, model)
+    lm = resolve_model_for(manifest, model, device=device, compute_dtype=compute_dtype)
     check_model(manifest, lm, where)
     art = _library.read(path, doc_id, verify=verify) if library else _artifact.read(path, verify=verify)
     loaded = Doc(artifact=art, lm=lm)

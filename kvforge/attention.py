@@ -205,23 +205,40 @@ def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) ->
 
 
 _registered = False
+EAGER = "_eager"  # suffix of the names whose masks are eager's additive float masks
+
+
+def attention_names(base: str, fn, mask_for_sdpa, mask_for_eager) -> None:
+    """Register ``base`` (SDPA's boolean mask, None when causal suffices) and ``base + "_eager"`` (eager's float
+    mask): a model loaded with the eager attention (softcapping) gets the float masks its eager path adds."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for name, mask in ((base, mask_for_sdpa), (base + EAGER, mask_for_eager)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, mask)
+
+
+def attention_name(model, base: str) -> str:
+    """``base``, or its eager variant when ``model`` computes text with the eager attention."""
+    current = getattr(model.config, "_attn_implementation", None) or ""
+    return base + EAGER if current == "eager" or current.endswith(EAGER) else base
 
 
 def register_attention() -> None:
-    """Register ``"kvforge"`` with transformers (idempotent; SDPA's mask builder for the fallback)."""
+    """Register ``"kvforge"`` with transformers (idempotent; SDPA's or eager's mask builder for the fallback)."""
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import eager_mask, sdpa_mask
 
-    AttentionInterface.register(ATTN_NAME, ragged_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    attention_names(ATTN_NAME, ragged_attention, sdpa_mask, eager_mask)
     _registered = True
 
 
 def use_ragged_attention(model) -> None:
-    """Switch ``model`` to the kvforge attention (text prefill keeps working through SDPA)."""
+    """Switch ``model`` to the kvforge attention (text prefill keeps working through SDPA or eager)."""
     register_attention()
-    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
+    name = attention_name(model, ATTN_NAME)
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)

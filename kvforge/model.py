@@ -319,8 +319,9 @@ def _load_directory(directory: Path, *, name: str, source: str, device: str = "c
         tokenizer = tokenizer_class.from_pretrained(directory)
         # SDPA drops attention-logit softcapping (Gemma 2): such models compute with the eager attention
         softcap = getattr(text_config(config), "attn_logit_softcapping", None) if config is not None else None
+        eager = softcap or not getattr(model_class, "_supports_sdpa", True)  # SDPA would drop or refuse it
         model = model_class.from_pretrained(directory, config=config, dtype=torch_dtype(dtype),
-                                            attn_implementation="eager" if softcap else "sdpa")
+                                            attn_implementation="eager" if eager else "sdpa")
         model.to(device)
     except UnsupportedModelError:
         raise

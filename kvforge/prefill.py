@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import capture_pre_rope_keys, kv_shape, layout_of
-from .attention import text_attention
+from .attention import attention_name, attention_names, text_attention
 from .errors import ResourceLimitError
 
 # Tokens left free after a document for the question and the answer.
@@ -72,11 +72,9 @@ def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, *
 
 
 def _register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import eager_mask, sdpa_mask
 
-    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
+    attention_names(CAPTURE_ATTN, _capture_attention, sdpa_mask, eager_mask)
 
 
 def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -128,7 +126,7 @@ def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys
         try:
             if queries:
                 _register_capture()
-                model.set_attn_implementation(CAPTURE_ATTN)
+                model.set_attn_implementation(attention_name(model, CAPTURE_ATTN))
                 _captured = []
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             q = torch.stack(_captured).cpu() if queries else None  # (L, Hq, T, D)

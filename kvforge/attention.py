@@ -49,10 +49,36 @@ class RaggedLayer(CacheLayerMixin):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.logical_length = logical_length
         self.compute_dtype = compute_dtype
+        # uniform layers: prefix and suffix in one (2, 1, H, n + capacity, D) buffer in the compute dtype, the
+        # prefix converted once here, so that a question's forward neither converts nor concatenates the prefix
+        self.dense: torch.Tensor | None = None
+        self._suffix = 0
+        if self.uniform:
+            self._grow(64)
         self._empty_suffix()
         self.is_initialized = True
 
+    def _grow(self, capacity: int) -> None:
+        n, H, D = self.offsets[1], self.num_heads, self.head_dim
+        buf = torch.empty(2, 1, H, n + capacity, D, dtype=self.compute_dtype, device=self.prefix_keys.device)
+        if self.dense is None:
+            buf[0, 0, :, :n] = self.prefix_keys.view(H, n, D)
+            buf[1, 0, :, :n] = self.prefix_values.view(H, n, D)
+        else:
+            buf[..., : n + self._suffix, :] = self.dense[..., : n + self._suffix, :]
+        self.dense = buf
+
+    def _set_suffix(self, length: int) -> None:
+        """Uniform layers: the suffix is the buffer's ``length`` entries after the prefix."""
+        n = self.offsets[1]
+        self._suffix = length
+        self.keys = self.dense[0, :, :, n:n + length]
+        self.values = self.dense[1, :, :, n:n + length]
+
     def _empty_suffix(self) -> None:
+        if self.dense is not None:
+            self._set_suffix(0)
+            return
         shape = (1, self.num_heads, 0, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.compute_dtype, device=self.prefix_keys.device)
         self.values = torch.zeros(shape, dtype=self.compute_dtype, device=self.prefix_keys.device)
@@ -63,8 +89,16 @@ class RaggedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, cache_kwargs=None):
         if key_states.shape[0] != 1:
             raise ValueError("a kvforge RaggedCache serves batch size 1 only")
-        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        if self.dense is not None:
+            n, S, T = self.offsets[1], self._suffix, key_states.shape[-2]
+            if n + S + T > self.dense.shape[3]:
+                self._grow(2 * (S + T) + 64)
+            self.dense[0, :, :, n + S:n + S + T] = key_states
+            self.dense[1, :, :, n + S:n + S + T] = value_states
+            self._set_suffix(S + T)
+        else:
+            self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+            self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
         keys = self.keys
         setattr(keys, _TAG, self)  # lets the attention function find the prefix of this layer
         return keys, self.values
@@ -87,6 +121,9 @@ class RaggedLayer(CacheLayerMixin):
         if max_length < 0:
             max_length = self.get_seq_length() + max_length
         keep = max(0, max_length - self.logical_length)
+        if self.dense is not None:
+            self._set_suffix(min(keep, self._suffix))
+            return
         self.keys = self.keys[..., :keep, :]
         self.values = self.values[..., :keep, :]
 
@@ -94,7 +131,9 @@ class RaggedLayer(CacheLayerMixin):
         self._empty_suffix()
 
     def resident_bytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in (self.prefix_keys, self.prefix_values, self.keys, self.values))
+        held = (self.prefix_keys, self.prefix_values) + ((self.dense,) if self.dense is not None else
+                                                          (self.keys, self.values))
+        total = sum(t.numel() * t.element_size() for t in held)
         if self.prefix_beta is not None:
             total += self.prefix_beta.numel() * self.prefix_beta.element_size()
         return total
@@ -160,11 +199,11 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     group = n_q // n_kv
     scale = scaling if scaling is not None else D ** -0.5
     softcap = kwargs.get("softcap")  # Gemma 2: logits -> softcap * tanh(logits / softcap), before any bias
+    if layer.dense is not None and softcap is None:
+        return _uniform_attention(layer, query, T, S, scale), None
     # causal mask over the suffix: current token t sits at suffix index S - T + t
     rows = torch.arange(T, device=query.device).unsqueeze(1) + (S - T)
     blocked = torch.arange(S, device=query.device).unsqueeze(0) > rows  # (T, S)
-    if layer.uniform and softcap is None:
-        return _uniform_attention(layer, query, key, value, blocked, scale), None
     out = torch.empty(1, T, n_q, D, dtype=query.dtype, device=query.device)
     for h in range(n_kv):
         q = query[0, h * group:(h + 1) * group]  # (G, T, D)
@@ -184,24 +223,34 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out, None
 
 
-def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) -> torch.Tensor:
-    """Every head holds n prefix entries: view them as (1, H_kv, n, D) and make one SDPA call.
-
-    query: (1, H_q, T, D); key / value: (1, H_kv, S, D); blocked: (T, S). Returns (1, T, H_q, D).
-    """
-    n_kv, D = key.shape[1], key.shape[3]
+def _uniform_attention(layer: RaggedLayer, query, T: int, S: int, scale) -> torch.Tensor:
+    """Every head holds n prefix entries, in the layer's dense buffer just before the S suffix entries (the last
+    T of them the current tokens): one SDPA call. query: (1, H_q, T, D). Returns (1, T, H_q, D)."""
     n = layer.offsets[1]
-    kp = layer.prefix_keys.view(1, n_kv, n, D).to(query.dtype)
-    vp = layer.prefix_values.view(1, n_kv, n, D).to(query.dtype)
-    k = torch.cat([kp, key], dim=2)  # (1, H_kv, n + S, D)
-    v = torch.cat([vp, value], dim=2)
-    mask = None
-    if bool(blocked.any()):
-        allowed = torch.ones(blocked.shape[0], n + blocked.shape[1], dtype=torch.bool, device=query.device)
-        allowed[:, n:] = ~blocked
-        mask = allowed
+    k = layer.dense[0, :, :, : n + S]  # (1, H_kv, n + S, D), no copy
+    v = layer.dense[1, :, :, : n + S]
+    mask = _suffix_mask(T, n, S, query.dtype, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).contiguous()
+
+
+_MASK: dict = {}
+
+
+def _suffix_mask(T: int, n: int, S: int, dtype, device) -> torch.Tensor | None:
+    """(T, n + S) additive mask: the prefix open, the suffix causal; None for one token. One per forward's shape
+    (every layer of a forward shares it)."""
+    if T == 1:
+        return None
+    key = (T, n, S, dtype, device)
+    if key not in _MASK:
+        _MASK.clear()
+        rows = torch.arange(T, device=device).unsqueeze(1) + (S - T)
+        blocked = torch.arange(S, device=device).unsqueeze(0) > rows
+        mask = torch.zeros(T, n + S, dtype=dtype, device=device)
+        mask[:, n:].masked_fill_(blocked, float("-inf"))
+        _MASK[key] = mask
+    return _MASK[key]
 
 
 _registered = False

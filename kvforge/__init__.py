@@ -40,21 +40,22 @@ def build(sources, out, method="compactor", keep=0.5, model=None, **options):
     return _build(sources, out, method=method, keep=keep, model=model, **options)
 
 
-def load(path, model=None, *, verify=True, doc=None, resident="float"):
+def load(path, model=None, *, verify=True, doc=None, resident="float", device=None, compute_dtype=None):
     """Load an artifact (a .kv file, or document ``doc`` of a zarr library) bound to its model.
 
     ``resident="codes"`` keeps a quantized document's codes in memory. See :func:`kvforge.runtime.load`.
     """
     from .runtime import load as _load
 
-    return _load(path, model=model, verify=verify, doc=doc, resident=resident)
+    return _load(path, model=model, verify=verify, doc=doc, resident=resident, device=device,
+                 compute_dtype=compute_dtype)
 
 
-def load_model(model=None):
-    """Load (once per process) the embedded default or a local HF model directory."""
+def load_model(model=None, *, device=None, compute_dtype=None):
+    """Load (once per process, device and compute dtype) the embedded default or a local HF model directory."""
     from .model import load_model as _load_model
 
-    return _load_model(model)
+    return _load_model(model, device=device, compute_dtype=compute_dtype)
 
 
 def available_methods() -> dict[str, str]:

@@ -13,10 +13,13 @@ The attention function ``"kvforge"`` (registered with transformers'
 heads, one softmax over the head's own prefix entries (logit + beta) and the
 causal suffix, without padding the prefix or concatenating it with the suffix.
 For any other cache it falls back to transformers' SDPA attention, so a model
-switched to ``"kvforge"`` still prefills text normally.
+switched to ``"kvforge"`` still prefills text normally (through the model's own eager attention when it
+softcaps attention logits, which SDPA cannot). Every tensor it makes follows the query's device.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -206,6 +209,26 @@ class BatchedRaggedCache(Cache):
         self.members = caches
 
 
+def kv_to(kv: CompressedKV, device) -> CompressedKV:
+    """``kv``'s tensors on ``device`` (the same object when they are there already)."""
+    device = torch.device(device)
+    if kv.keys and kv.keys[0].device == device:
+        return kv
+    move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    return CompressedKV(lengths=kv.lengths, positions=kv.positions, keys=move(kv.keys), values=move(kv.values),
+                        beta=move(kv.beta) if kv.beta is not None else None)
+
+
+def text_attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+    """The attention of a plain text forward: the model's own eager one when it softcaps logits, else SDPA."""
+    if kwargs.get("softcap") is not None:
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return eager(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+
+
 def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for ``attn_implementation="kvforge"``.
 
@@ -214,32 +237,32 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """
     rows = getattr(key, _BATCH_TAG, None)
     if rows is not None:  # a batched decode step: each row on its own ragged cache
-        return torch.cat([ragged_attention(module, query[b:b + 1], k, v, None, scaling=scaling)[0]
+        return torch.cat([ragged_attention(module, query[b:b + 1], k, v, None, scaling=scaling, **kwargs)[0]
                           for b, (k, v) in enumerate(rows)]), None
     layer = getattr(key, _TAG, None)
     if layer is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return text_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _, n_q, T, D = query.shape
     n_kv, S = key.shape[1], key.shape[2]
     group = n_q // n_kv
     scale = scaling if scaling is not None else D ** -0.5
     # causal mask over the suffix: current token t sits at suffix index S - T + t
-    rows = torch.arange(T).unsqueeze(1) + (S - T)
-    blocked = torch.arange(S).unsqueeze(0) > rows  # (T, S)
-    if layer.uniform:
+    softcap = kwargs.get("softcap")  # Gemma 2: logits -> softcap * tanh(logits / softcap), before any bias
+    rows = torch.arange(T, device=query.device).unsqueeze(1) + (S - T)
+    blocked = torch.arange(S, device=query.device).unsqueeze(0) > rows  # (T, S)
+    if layer.uniform and softcap is None:
         return _uniform_attention(layer, query, key, value, blocked, scale), None
-    out = torch.empty(1, T, n_q, D, dtype=query.dtype)
+    out = torch.empty(1, T, n_q, D, dtype=query.dtype, device=query.device)
     for h in range(n_kv):
         q = query[0, h * group:(h + 1) * group]  # (G, T, D)
         a, b = layer.offsets[h], layer.offsets[h + 1]
         kp, vp = layer.head_prefix(h, query.dtype)  # (n_h, D)
         s_pre = torch.matmul(q, kp.T) * scale  # (G, T, n_h)
+        s_suf = torch.matmul(q, key[0, h].T) * scale  # (G, T, S)
+        if softcap is not None:
+            s_pre, s_suf = (torch.tanh(s / softcap) * softcap for s in (s_pre, s_suf))
         if layer.prefix_beta is not None:
             s_pre = s_pre + layer.prefix_beta[a:b].to(query.dtype)
-        s_suf = torch.matmul(q, key[0, h].T) * scale  # (G, T, S)
         s_suf = s_suf.masked_fill(blocked, float("-inf"))
         probs = torch.softmax(torch.cat([s_pre, s_suf], dim=-1).float(), dim=-1).to(query.dtype)
         o = torch.matmul(probs[..., : b - a], vp) + torch.matmul(probs[..., b - a:], value[0, h])  # (G, T, D)
@@ -260,7 +283,7 @@ def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) ->
     v = torch.cat([vp, value], dim=2)
     mask = None
     if bool(blocked.any()):
-        allowed = torch.ones(blocked.shape[0], n + blocked.shape[1], dtype=torch.bool)
+        allowed = torch.ones(blocked.shape[0], n + blocked.shape[1], dtype=torch.bool, device=blocked.device)
         allowed[:, n:] = ~blocked
         mask = allowed
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -268,23 +291,40 @@ def _uniform_attention(layer: RaggedLayer, query, key, value, blocked, scale) ->
 
 
 _registered = False
+EAGER = "_eager"  # suffix of the names whose masks are eager's additive float masks
+
+
+def attention_names(base: str, fn, mask_for_sdpa, mask_for_eager) -> None:
+    """Register ``base`` (SDPA's boolean mask, None when causal suffices) and ``base + "_eager"`` (eager's float
+    mask): a model loaded with the eager attention (softcapping) gets the float masks its eager path adds."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for name, mask in ((base, mask_for_sdpa), (base + EAGER, mask_for_eager)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, mask)
+
+
+def attention_name(model, base: str) -> str:
+    """``base``, or its eager variant when ``model`` computes text with the eager attention."""
+    current = getattr(model.config, "_attn_implementation", None) or ""
+    return base + EAGER if current == "eager" or current.endswith(EAGER) else base
 
 
 def register_attention() -> None:
-    """Register ``"kvforge"`` with transformers (idempotent; SDPA's mask builder for the fallback)."""
+    """Register ``"kvforge"`` with transformers (idempotent; SDPA's or eager's mask builder for the fallback)."""
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import eager_mask, sdpa_mask
 
-    AttentionInterface.register(ATTN_NAME, ragged_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    attention_names(ATTN_NAME, ragged_attention, sdpa_mask, eager_mask)
     _registered = True
 
 
 def use_ragged_attention(model) -> None:
-    """Switch ``model`` to the kvforge attention (text prefill keeps working through SDPA)."""
+    """Switch ``model`` to the kvforge attention (text prefill keeps working through SDPA or eager)."""
     register_attention()
-    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
+    name = attention_name(model, ATTN_NAME)
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)

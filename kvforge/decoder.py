@@ -130,7 +130,8 @@ class Decoder:
         ``rows``: only these rows, in that order)."""
         start = cache.get_seq_length()
         pos = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
-        logits_to_keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long) if rows is not None else 0)
+        logits_to_keep = 1 if last_only else (torch.tensor(rows, dtype=torch.long, device=self.device)
+                                              if rows is not None else 0)
         out = self.lm.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
                             position_ids=pos, cache_position=pos[0], use_cache=True, logits_to_keep=logits_to_keep)
         return out.logits[0].float()

@@ -38,6 +38,10 @@ class ModelNotFoundError(KvforgeError):
     """The requested model is not installed or not a model directory."""
 
 
+class UnsupportedModelError(KvforgeError):
+    """The model's architecture has layers kvforge cannot cache or compress (refused when it is loaded)."""
+
+
 class ResourceLimitError(KvforgeError):
     """An input exceeds a limit: the model's context, a size cap."""
 
@@ -48,3 +52,7 @@ class ConfigError(KvforgeError):
 
 class WorkerLostError(KvforgeError):
     """A build worker died (killed, out of memory, its node lost) more often than the executor retries."""
+
+
+class DeviceError(ConfigError):
+    """The asked device is not on this machine, or cannot compute in the asked dtype."""

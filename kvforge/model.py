@@ -22,7 +22,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, UnsupportedModelError
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -91,6 +91,9 @@ class LoadedModel:
     template: Template
     stop_ids: frozenset = field(default_factory=frozenset)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    device: str = "cpu"  # where the weights live; every input follows them (kvforge.devices)
+    compute_dtype: str = "float32"  # the weights' dtype; not part of the identity
+    context_note: str = ""  # why info.max_context is below the model's own (sliding-window layers)
 
     def encode_document(self, text: str) -> list[int]:
         """Token ids of the document segment: template prefix + text."""
@@ -106,7 +109,7 @@ class LoadedModel:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-_CACHE: dict[str, LoadedModel] = {}
+_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -120,21 +123,29 @@ def resolve_model_spec(spec: str | os.PathLike | None) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
-def load_model(spec: str | os.PathLike | LoadedModel | None = None) -> LoadedModel:
-    """Load (once per process) the model named by ``spec``.
+def load_model(spec: str | os.PathLike | LoadedModel | None = None, *, device: str | None = None,
+               compute_dtype: str | None = None) -> LoadedModel:
+    """Load (once per process, device and dtype) the model named by ``spec``.
 
     ``spec`` is ``None`` (``$KVFORGE_MODEL`` or the embedded default),
-    ``"embedded"``, a local HF model directory, or an already loaded model.
+    ``"embedded"``, a local HF model directory, or an already loaded model (returned as it is).
+    ``device``: auto, cpu, cuda, cuda:N or mps (``None``: ``$KVFORGE_DEVICE`` or auto); ``compute_dtype``:
+    auto, float32, bfloat16 or float16 (``None``: ``$KVFORGE_COMPUTE_DTYPE`` or auto); see kvforge.devices.
+    A model whose layers kvforge cannot cache is refused here (UnsupportedModelError, kvforge.architectures).
     """
     if isinstance(spec, LoadedModel):
         return spec
+    from .devices import resolve_compute_dtype, resolve_device
+
     key = resolve_model_spec(spec)
+    dev = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, dev)
     with _CACHE_LOCK:
-        if key not in _CACHE:
+        if (key, dev, dtype) not in _CACHE:
             directory = embedded_model_dir() if key == EMBEDDED else Path(key)
             name = EMBEDDED_NAME if key == EMBEDDED else directory.name
-            _CACHE[key] = _load_directory(directory, name=name, source=key)
-        return _CACHE[key]
+            _CACHE[key, dev, dtype] = _load_directory(directory, name=name, source=key, device=dev, dtype=dtype)
+        return _CACHE[key, dev, dtype]
 
 
 def embedded_gguf_path() -> Path:
@@ -280,7 +291,8 @@ def _model_class(architectures: list[str]):
     return AutoModelForCausalLM
 
 
-def _load_directory(directory: Path, *, name: str, source: str) -> LoadedModel:
+def _load_directory(directory: Path, *, name: str, source: str, device: str = "cpu",
+                    dtype: str = "float32") -> LoadedModel:
     if not (directory / "config.json").is_file():
         raise ModelNotFoundError(
             f"model {str(directory)!r} is not a local HF model directory (no config.json there): "
@@ -288,7 +300,8 @@ def _load_directory(directory: Path, *, name: str, source: str) -> LoadedModel:
             f"embedded default ({EMBEDDED_NAME}; `{INSTALL_HINT}`)"
         )
     _quiet_transformers()
-    import torch
+    from .architectures import check_config, layout_of, text_config
+    from .devices import torch_dtype
 
     try:
         architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
@@ -298,25 +311,37 @@ def _load_directory(directory: Path, *, name: str, source: str) -> LoadedModel:
             from transformers import PreTrainedTokenizerFast as tokenizer_class
         else:
             from transformers import AutoTokenizer as tokenizer_class
+        model_class = _model_class(architectures)
+        config = (model_class.config_class.from_pretrained(directory) if hasattr(model_class, "config_class")
+                  else None)
+        if config is not None:
+            check_config(config)  # refuse before reading the weights
         tokenizer = tokenizer_class.from_pretrained(directory)
-        model = _model_class(architectures).from_pretrained(directory, dtype=torch.float32,
-                                                            attn_implementation="sdpa")
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        # SDPA drops attention-logit softcapping (Gemma 2): such models compute with the eager attention
+        softcap = getattr(text_config(config), "attn_logit_softcapping", None) if config is not None else None
+        eager = softcap or not getattr(model_class, "_supports_sdpa", True)  # SDPA would drop or refuse it
+        model = model_class.from_pretrained(directory, config=config, dtype=torch_dtype(dtype),
+                                            attn_implementation="eager" if eager else "sdpa")
+        model.to(device)
+    except UnsupportedModelError:
+        raise
+    except (OSError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
         raise ModelNotFoundError(f"could not load the model in {directory}: {exc}") from exc
     model.eval()
-    cfg = model.config
+    layout = layout_of(model)  # UnsupportedModelError with the reason, before anything is built on it
+    cfg = text_config(model.config)
     n_heads = cfg.num_attention_heads
     info = ModelInfo(
         name=name,
         source=source,
         weights_sha256=weights_fingerprint(directory),
         tokenizer_sha256=tokenizer_fingerprint(tokenizer),
-        architecture=(cfg.architectures or [type(model).__name__])[0],
+        architecture=(model.config.architectures or [type(model).__name__])[0],
         num_layers=cfg.num_hidden_layers,
         num_attention_heads=n_heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
-        max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
+        max_context=layout.context,
     )
     stop = set()
     for ids in (cfg.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
@@ -328,4 +353,5 @@ def _load_directory(directory: Path, *, name: str, source: str) -> LoadedModel:
     if tokenizer.eos_token_id is not None:
         stop.add(tokenizer.eos_token_id)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, template=make_template(tokenizer),
-                       stop_ids=frozenset(int(s) for s in stop))
+                       stop_ids=frozenset(int(s) for s in stop), device=device, compute_dtype=dtype,
+                       context_note=layout.context_note)

@@ -22,6 +22,9 @@ FORMATS = ("kv", "zarr")  # build output: a folder of .kv files, or one zarr v3 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "int8", "int4")
 EXECUTORS = ("local", "ray")  # who maps build_document over the corpus: this process, or a Ray actor pool
+# Where the model runs and how it computes (kvforge.devices resolves and checks them; neither enters an artifact).
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # cuda:N spelled with the GPU's index
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_choice(option: str, value, allowed: tuple[str, ...]) -> str:

@@ -8,10 +8,13 @@ each token's surprisal under the model (a prior for what questions ask about).
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
+from .architectures import capture_pre_rope_keys, kv_shape, layout_of
+from .attention import attention_name, attention_names, text_attention
 from .errors import ResourceLimitError
 
 # Tokens left free after a document for the question and the answer.
@@ -26,7 +29,9 @@ class KV:
     keys:          (layers, kv_heads, tokens, head_dim), post-RoPE, as the model caches them
     values:        (layers, kv_heads, tokens, head_dim)
     queries:       None or (layers, q_heads, tokens, head_dim), post-RoPE, float16
-    keys_pre_rope: None or (layers, kv_heads, tokens, head_dim), the k_proj outputs
+    keys_pre_rope: None or (layers, kv_heads, tokens, head_dim), the keys RoPE rotates (k_proj, or k_norm
+                   after it, or qkv_proj's key slice: kvforge.architectures)
+    All on the CPU in float32 (queries float16), whatever device and compute dtype the model ran in.
     surprisal:     None or (tokens,), float32: -log p(token | the tokens before it) in nats; 0 for the first
     input_ids:     None or the document's token ids (tokens,), for methods that run the model again
     """
@@ -63,19 +68,15 @@ _captured: list | None = None
 
 def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
     """SDPA attention that also records the post-RoPE queries of the current prefill."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if _captured is not None:
         _captured.append(query[0].to(torch.float16))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+    return text_attention(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 def _register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import eager_mask, sdpa_mask
 
-    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
+    attention_names(CAPTURE_ATTN, _capture_attention, sdpa_mask, eager_mask)
 
 
 def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -90,7 +91,7 @@ def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk:
     weight = head.weight.to(torch.bfloat16)
     bias = head.bias.to(torch.bfloat16) if getattr(head, "bias", None) is not None else None
     T = hidden.shape[0]
-    out = torch.zeros(T)
+    out = torch.zeros(T, device=hidden.device)
     for a in range(0, T - 1, chunk):
         b = min(a + chunk, T - 1)  # position t predicts token t + 1
         logits = torch.nn.functional.linear(hidden[a:b].to(torch.bfloat16), weight, bias).float()  # (c, V)
@@ -98,7 +99,7 @@ def token_surprisal(model, hidden: torch.Tensor, input_ids: torch.Tensor, chunk:
             logits = cap * torch.tanh(logits / cap)
         nxt = input_ids[a + 1:b + 1]
         out[a + 1:b + 1] = torch.logsumexp(logits, dim=-1) - logits.gather(1, nxt[:, None])[:, 0]
-    return out
+    return out.cpu()
 
 
 @torch.inference_mode()
@@ -107,42 +108,37 @@ def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys
     """Run ``model`` over ``input_ids`` (one sequence) and return its full KV cache.
 
     queries:       also return the post-RoPE queries of every layer (float16)
-    pre_rope_keys: also return the keys before RoPE (outputs of each layer's ``k_proj``)
+    pre_rope_keys: also return the keys before RoPE (the model's key module: kvforge.architectures)
     surprisal:     also return every token's surprisal (:func:`token_surprisal`)
     """
     global _captured
     from transformers import DynamicCache
 
-    ids = torch.tensor([input_ids], dtype=torch.long)  # (1, T)
+    ids = torch.tensor([input_ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
     cache = DynamicCache(config=model.config)
-    hooks, pre_keys = [], []
+    final: list[torch.Tensor] = []
+    pre_keys: list[torch.Tensor] = []
     saved_attn = model.config._attn_implementation
-    try:
-        if queries:
-            _register_capture()
-            model.set_attn_implementation(CAPTURE_ATTN)
-            _captured = []
+    with ExitStack() as stack:
         if pre_rope_keys:
-            for layer in model.model.layers:
-                hooks.append(layer.self_attn.k_proj.register_forward_hook(
-                    lambda mod, inp, out: pre_keys.append(out[0])))
-        final: list[torch.Tensor] = []
+            pre_keys = stack.enter_context(capture_pre_rope_keys(model, layout_of(model), *kv_shape(model.config)))
         if surprisal:
-            hooks.append(model.model.norm.register_forward_hook(lambda mod, inp, out: final.append(out[0])))
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        q = torch.stack(_captured) if queries else None  # (L, Hq, T, D)
-    finally:
-        _captured = None
-        for h in hooks:
-            h.remove()
-        if model.config._attn_implementation != saved_attn:
-            model.set_attn_implementation(saved_attn)
-    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # (L, H, T, D)
-    values = torch.stack([layer.values[0] for layer in cache.layers])
-    kpre = None
-    if pre_rope_keys:
-        L, H, T, D = keys.shape
-        kpre = torch.stack([k.view(T, H, D).transpose(0, 1) for k in pre_keys])  # (L, H, T, D)
+            stack.callback(model.model.norm.register_forward_hook(
+                lambda mod, inp, out: final.append(out[0])).remove)
+        try:
+            if queries:
+                _register_capture()
+                model.set_attn_implementation(attention_name(model, CAPTURE_ATTN))
+                _captured = []
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            q = torch.stack(_captured).cpu() if queries else None  # (L, Hq, T, D)
+        finally:
+            _captured = None
+            if model.config._attn_implementation != saved_attn:
+                model.set_attn_implementation(saved_attn)
+    keys = torch.stack([layer.keys[0] for layer in cache.layers]).float().cpu()  # (L, H, T, D)
+    values = torch.stack([layer.values[0] for layer in cache.layers]).float().cpu()
+    kpre = torch.stack(pre_keys).float().cpu() if pre_rope_keys else None  # (L, H, T, D)
     surp = token_surprisal(model, final[0], ids[0]) if surprisal else None
     return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre, surprisal=surp, input_ids=list(input_ids))
 

@@ -50,6 +50,7 @@ class Doc:
     decoder: Decoder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_kv_shape(self.artifact.kv, self.lm, self.manifest["document"]["id"])
         self.decoder = Decoder(self.lm)
         self.document = DocumentCache.for_model(self.artifact, self.lm, resident=self.resident)
         self.artifact = self.document.artifact  # with resident="codes", the one without float keys
@@ -186,6 +187,19 @@ class Doc:
         return self.decoder.continuation_logits(self.document, ids, rows=rows)
 
 
+def check_kv_shape(kv: CompressedKV, lm: LoadedModel, where: str) -> None:
+    """Refuse a cache whose (layers, KV heads, head dim) are not the loaded model's, naming both."""
+    info = lm.info
+    float_keys = bool(kv.keys) and kv.keys[0].is_floating_point()  # resident codes hold packed bytes instead
+    got = (int(kv.lengths.shape[0]), int(kv.lengths.shape[1]), int(kv.keys[0].shape[-1]) if float_keys else
+           info.head_dim)
+    want = (info.num_layers, info.num_kv_heads, info.head_dim)
+    if got != want:
+        raise IncompatibleModelError(
+            f"{where}: the cache holds {got[0]} layers x {got[1]} KV heads x head dim {got[2]}, but the loaded "
+            f"model {info.name!r} has {want[0]} x {want[1]} x {want[2]}; load it with the model it was built for")
+
+
 def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:
     """Refuse an artifact built for another model, listing every field that differs."""
     built, have = manifest["model"], lm.info.to_dict()
@@ -199,24 +213,26 @@ def check_model(manifest: dict, lm: LoadedModel, where: str) -> None:
         )
 
 
-def resolve_model_for(manifest: dict, model) -> LoadedModel:
-    """The model to use: the one given, else the artifact's own source when it is here, else the default."""
+def resolve_model_for(manifest: dict, model, **where) -> LoadedModel:
+    """The model to use: the one given, else the artifact's own source when it is here, else the default.
+
+    ``where``: ``device`` and ``compute_dtype`` for :func:`kvforge.model.load_model`."""
     if model is not None:
-        return load_model(model)
+        return load_model(model, **where)
     if os.environ.get("KVFORGE_MODEL"):
-        return load_model(None)
+        return load_model(None, **where)
     source = manifest["model"].get("source", "")
     if source and source != EMBEDDED and os.path.isdir(source):
-        return load_model(source)
+        return load_model(source, **where)
     try:
-        return load_model(EMBEDDED if source == EMBEDDED else None)
+        return load_model(EMBEDDED if source == EMBEDDED else None, **where)
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"{exc} (the artifact was built for {manifest['model'].get('name')!r} "
                                  f"from {source!r})") from exc
 
 
 def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str | None = None,
-         resident: str = "float") -> Doc:
+         resident: str = "float", device: str | None = None, compute_dtype: str | None = None) -> Doc:
     """Load an artifact, check it against its model, and return a :class:`Doc`.
 
     ``path``: a ``.kv`` file, or a zarr library (``lib.zarr`` folder or ``lib.zarr.zip``) with ``doc``
@@ -227,6 +243,8 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
     ``resident="codes"``: a quantized (int8 / int4) document keeps its codes in memory and dequantizes a
     head when it attends: the same answers for about its stored bytes instead of twice them, at some cost
     per token (docs/experiments/serve.md).
+    ``device`` / ``compute_dtype``: where and how the model computes (kvforge.devices; ``None``: the
+    environment or auto); an artifact answers the same from any of them.
     """
     t0 = time.perf_counter()
     doc_id = doc  # the public keyword names the document by its id
@@ -240,7 +258,7 @@ def load(path: str | os.PathLike, model=None, *, verify: bool = True, doc: str |
                                "not to a .kv file")
         manifest, _, _ = _artifact.read_header(path)  # cheap: refuse a wrong model before reading tensors
         where = str(path)
-    lm = resolve_model_for(manifest, model)
+    lm = resolve_model_for(manifest, model, device=device, compute_dtype=compute_dtype)
     check_model(manifest, lm, where)
     codes = resident == "codes"
     art = (_library.read(path, doc_id, verify=verify, keep_codes=codes) if library

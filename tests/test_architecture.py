@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kvforge"
 
 RUNTIME_SIDE = ["kvforge.runtime", "kvforge.doccache", "kvforge.decoder", "kvforge.serve", "kvforge.attention", "kvforge.artifact", "kvforge.library", "kvforge.manifest",
                 "kvforge.containers", "kvforge.quantize", "kvforge.ragged", "kvforge.model", "kvforge.errors",
-                "kvforge.options", "kvforge.verify", "kvforge.convert"]
+                "kvforge.options", "kvforge.verify", "kvforge.convert", "kvforge.devices", "kvforge.architectures"]
 BUILD_SIDE = ["kvforge.builder", "kvforge.methods", "kvforge.calibrate", "kvforge.budget", "kvforge.prefill",
               "kvforge.corpus", "kvforge.eval", "kvforge.train", "kvforge.executors"]
 MAX_LINES = 400  # past this a module is a room that has grown past what a newcomer can hold: split it

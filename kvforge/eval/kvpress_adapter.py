@@ -47,11 +47,12 @@ def press_prefill(model, input_ids: list[int], press_name: str, keep: float) -> 
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
         with press(model):
-            model.model(input_ids=torch.tensor([input_ids]), past_key_values=cache, use_cache=True)
+            model.model(input_ids=torch.tensor([input_ids], device=model.device), past_key_values=cache,
+                        use_cache=True)
         seconds = time.perf_counter() - t0
         lengths, positions, keys, values = [], [], [], []
         for i, layer in enumerate(cache.layers):
-            k, v = layer.keys[0], layer.values[0]  # (H, P, D)
+            k, v = layer.keys[0].float().cpu(), layer.values[0].float().cpu()  # (H, P, D)
             H, P, _ = k.shape
             keep_mask = torch.ones(H, P, dtype=torch.bool)
             masked = getattr(layers[i].self_attn, "masked_key_indices", None)

@@ -119,8 +119,10 @@ def sample_reference(queries: torch.Tensor, positions: torch.Tensor, T: int, kv_
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None) if model is not None else None
     if position == "end" and rotary is not None:
         shift = (T - positions[idx]).unsqueeze(0)  # (1, n): rotate each query from its position to T
-        cos, sin = rotary(q[0, :1], shift)  # (1, n, D)
-        q = q * cos.float() + _rotate_half(q) * sin.float()
+        dev = next(model.parameters()).device
+        cos, sin = (t.float().cpu() for t in rotary(q[0, :1].to(dev), shift.to(dev)))  # (1, n, R), R <= D
+        r = cos.shape[-1]  # partial rotary (Phi-3): only the first R dims rotate
+        q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
     elif position not in ("end", "own"):
         raise ValueError(f"position must be 'end' or 'own', got {position!r}")
     # (L, Hq, n, D) -> per layer (H, group * n, D): a KV head's reference is its query heads' queries

@@ -63,10 +63,10 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved: machine noise hits every cell alike
                 for d in DTYPES:
                     timing[d]["text"].append(ttft_text(lms[d], text, QUESTION))
-                    docs[d].answer_ids(QUESTION, max_new_tokens=args.decode_tokens)
-                    timing[d]["artifact"].append(docs[d].last.ttft_s)
-                    if docs[d].last.new_tokens > 1:
-                        timing[d]["decode"].append(docs[d].last.decode_s / docs[d].last.new_tokens)
+                    stats = docs[d].run(QUESTION, max_new_tokens=args.decode_tokens).stats
+                    timing[d]["artifact"].append(stats.ttft_s)
+                    if stats.new_tokens > 1:
+                        timing[d]["decode"].append(stats.decode_s / stats.new_tokens)
             # quality: bfloat16 answers (its own artifact, and the float32-built one) against float32's
             cross = kvforge.load(work / f"float32-{n}" / f"doc{n}.kv", model=lms["bfloat16"])
             kls, kls_cross, same, diff = [], [], 0, []

@@ -3,7 +3,8 @@
 Accuracy counts alone hide which documents each side answers; on a few dozen documents a gap of
 a few answers can be noise. This pairs the rows of two configurations (``method@keep``; a method
 matches by prefix, so ``sculpt`` also finds ``sculpt:surprisal=1+pilot``) on the same tasks and
-reports the documents only one of them answers, with an exact two-sided sign test on those.
+reports the documents only one of them answers, with an exact two-sided sign test on those; then the
+same pairing of their KL on question + answer tokens (which side is lower, document by document).
 
     .venv/bin/python benchmarks/paired_needles.py --a sculpt@0.1 --b kvpress:KVzipPress@0.25 \\
         benchmarks/results/eval-surprisal benchmarks/results/eval-surprisal-seed2 benchmarks/results/eval-surprisal-seed3
@@ -19,15 +20,15 @@ import math
 from pathlib import Path
 
 
-def scores(rows: list[dict], spec: str) -> dict[str, float]:
-    """task -> score of the rows matching ``method@keep`` (method by prefix); one match per task."""
+def scores(rows: list[dict], spec: str, field: str = "score") -> dict[str, float]:
+    """task -> ``field`` of the rows matching ``method@keep`` (method by prefix); one match per task."""
     method, keep = spec.rsplit("@", 1)
     out: dict[str, float] = {}
     for r in rows:
         if r["method"].startswith(method) and r["keep"] == float(keep):
             if r["task"] in out:
                 raise SystemExit(f"{spec!r} matches two rows of task {r['task']}: name the method in full")
-            out[r["task"]] = float(r["score"])
+            out[r["task"]] = float(r[field])
     return out
 
 
@@ -46,13 +47,15 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="method@keep")
     ap.add_argument("--b", required=True, help="method@keep")
     args = ap.parse_args()
-    pairs = []
+    pairs, kls = [], []
     for run in args.runs:
         rows = [json.loads(line) for line in (Path(run) / "rows.jsonl").read_text().splitlines() if line.strip()]
         a, b = scores(rows, args.a), scores(rows, args.b)
         if not a or not b:
             raise SystemExit(f"{run}: no rows for {args.a if not a else args.b}")
         pairs += [(a[t], b[t], t) for t in sorted(a.keys() & b.keys())]
+        ka, kb = scores(rows, args.a, "kl_qa"), scores(rows, args.b, "kl_qa")
+        kls += [(ka[t], kb[t]) for t in sorted(ka.keys() & kb.keys())]
     only_a = [t for x, y, t in pairs if x > y]
     only_b = [t for x, y, t in pairs if y > x]
     print(f"{len(pairs)} documents: {args.a} answers {sum(x for x, _, _ in pairs):.0f}, "
@@ -61,6 +64,11 @@ def main() -> None:
     print(f"only {args.b}: {len(only_b)} {only_b}")
     print(f"exact two-sided sign test on the {len(only_a) + len(only_b)} that differ: "
           f"p = {sign_test(len(only_a), len(only_b)):.2f}")
+    lower_a = sum(x < y for x, y in kls)
+    lower_b = sum(y < x for x, y in kls)
+    print(f"KL q+a, mean over the {len(kls)} documents: {args.a} {sum(x for x, _ in kls) / len(kls):.4f}, "
+          f"{args.b} {sum(y for _, y in kls) / len(kls):.4f}; lower on {lower_a} / {lower_b} documents, "
+          f"sign test p = {sign_test(lower_a, lower_b):.3f}")
 
 
 if __name__ == "__main__":

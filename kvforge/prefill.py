@@ -147,7 +147,8 @@ REPLAY_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
 
 @torch.inference_mode()
-def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], chunk: int = 512) -> torch.Tensor:
+def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], chunk: int = 512,
+                  attribution: bool = False) -> torch.Tensor:
     """How much the model attends to each cached entry while it repeats the document: (L, H, T) float32.
 
     The document's cache ``kv`` (T tokens of ``input_ids``) is extended by ``prompt_ids`` (an
@@ -157,6 +158,12 @@ def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], ch
     query head of its group gives it (the context-reconstruction signal of KVzip, Kim et al. 2025).
     A question-agnostic probe of which entries the model needs to reproduce the document.
     Chunks of ``chunk`` tokens are replayed one at a time over the document's cache alone.
+
+    ``attribution``: weight each replayed token's attention by what the entry writes and how much it
+    matters downstream (input x gradient, the signal of kvpress's KVgradPress): the score becomes
+    max over replayed tokens p of A[p, c] * ||W_O^h v_c|| * ||d Phi / d a_p||, where a_p is the
+    layer's attention output at p and Phi = sum_p ||h_p||^2 over the last layer's hidden states.
+    One backward pass per chunk (the model's weights stay frozen).
     """
     global _captured
     from transformers import DynamicCache
@@ -173,23 +180,85 @@ def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], ch
             n, skip = len(replay), len(prompt_ids)
             cache = DynamicCache(config=model.config)
             for layer in range(L):
-                cache.update(kv.keys[layer][None], kv.values[layer][None], layer)
+                keys, values = kv.keys[layer][None], kv.values[layer][None]
+                if attribution:  # copies made outside inference mode: inference tensors cannot enter a backward graph
+                    with torch.inference_mode(False):
+                        keys, values = keys.clone(), values.clone()
+                cache.update(keys, values, layer)
             _captured = []
-            model(input_ids=torch.tensor([replay]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if attribution:
+                grad_norms = _replay_with_gradient(model, cache, replay)  # L x (n,)
+            else:
+                model(input_ids=torch.tensor([replay]), past_key_values=cache, use_cache=True, logits_to_keep=1)
             queries, _captured = _captured, None
             causal = torch.ones(n, n, dtype=torch.bool).tril()[skip:]  # (c, n): replayed rows over replay keys
             for layer in range(L):
-                q = queries[layer][:, skip:].float()  # (Hq, c, D)
-                k_all = cache.layers[layer].keys[0].float()  # (H, T + n, D)
+                q = queries[layer][:, skip:].detach().float()  # (Hq, c, D)
+                k_all = cache.layers[layer].keys[0].detach().float()  # (H, T + n, D)
                 group = q.shape[0] // H
                 k_all = k_all.repeat_interleave(group, dim=0)  # (Hq, T + n, D)
                 logits = torch.einsum("hcd,hnd->hcn", q, k_all) * scale  # (Hq, c, T + n)
                 logits[:, :, T:].masked_fill_(~causal, float("-inf"))
                 weights = torch.softmax(logits, dim=-1)[:, :, :T]  # (Hq, c, T)
-                best = weights.amax(dim=1).view(H, group, T).amax(dim=1)  # (H, T)
+                if attribution:
+                    weights = weights * grad_norms[layer][skip:, None]  # (Hq, c, T) x (c, 1)
+                    best = weights.amax(dim=1) * _value_write_norms(model, layer, kv.values[layer])  # (Hq, T)
+                    best = best.view(H, group, T).amax(dim=1)
+                else:
+                    best = weights.amax(dim=1).view(H, group, T).amax(dim=1)  # (H, T)
                 scores[layer] = torch.maximum(scores[layer], best)
     finally:
         _captured = None
         if model.config._attn_implementation != saved_attn:
             model.set_attn_implementation(saved_attn)
     return scores
+
+
+def _replay_with_gradient(model, cache, replay: list[int]) -> list[torch.Tensor]:
+    """Run ``replay`` over ``cache`` with autograd on the activations; per layer, (n,) float32: the norm of
+    d Phi / d (the layer's attention output) at each replayed position, Phi = sum ||last hidden state||^2."""
+    layers = model.model.layers
+    outputs: list = [None] * len(layers)
+    last: list = [None]
+
+    def keep_attention(i):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            out.retain_grad()
+            outputs[i] = out
+        return hook
+
+    def keep_last(module, args, output):
+        last[0] = output[0] if isinstance(output, tuple) else output
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    hooks = [layer.self_attn.register_forward_hook(keep_attention(i)) for i, layer in enumerate(layers)]
+    hooks.append(layers[-1].register_forward_hook(keep_last))
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.inference_mode(False), torch.enable_grad():
+            embeds = model.get_input_embeddings()(torch.tensor([replay])).detach().requires_grad_(True)
+            model.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            last[0].float().square().sum().backward()
+        return [out.grad[0].float().norm(dim=-1) for out in outputs]  # (n,) per layer
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _value_write_norms(model, layer: int, values: torch.Tensor) -> torch.Tensor:
+    """||W_O^h v_c|| for every query head h and cached value v_c of its KV head: (Hq, T) float32.
+
+    values: (H, T, D). Computed as sqrt(v^T (W_h^T W_h) v) with the (D, D) Gram matrix of each head's
+    slice of the output projection."""
+    weight = model.model.layers[layer].self_attn.o_proj.weight.detach().float()  # (hidden, Hq * D)
+    H, T, D = values.shape
+    heads = weight.shape[1] // D
+    group = heads // H
+    w = weight.view(-1, heads, D).transpose(0, 1)  # (Hq, hidden, D)
+    gram = torch.matmul(w.transpose(1, 2), w)  # (Hq, D, D)
+    v = values.float().repeat_interleave(group, dim=0)  # (Hq, T, D)
+    return torch.einsum("htd,hde,hte->ht", v, gram, v).clamp_min(0).sqrt()

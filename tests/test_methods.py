@@ -36,7 +36,7 @@ def test_model_running_methods_conform_on_a_real_prefill(tiny_llama):
     lm = load_model(tiny_llama)
     kv = prefill(lm.model, lm.encode_document("A short document about a fox and a dog. " * 12), queries=True)
     L, H, T, _ = kv.shape
-    for name in sorted(n for n in _REGISTRY if get_method(n).needs_model) + ["select_fit:replay=1"]:
+    for name in sorted(n for n in _REGISTRY if get_method(n).needs_model) + ["select_fit:replay=1", "replay:grad=1"]:
         m = get_method(name)
         ctx = CompressionContext(model=lm, seed=0)
         for keep in (0.5, 0.1):
@@ -47,6 +47,61 @@ def test_model_running_methods_conform_on_a_real_prefill(tiny_llama):
         assert Compressor.from_dict(m.to_dict()) == m
         with pytest.raises(ValueError, match="needs the model"):
             m.compress(dataclasses.replace(kv, input_ids=None), Budget(0.5), CompressionContext(model=lm))
+
+
+def test_replay_attribution_is_attention_times_what_an_entry_writes_times_its_gradient(tiny_llama):
+    """replay:grad=1 checked against each factor computed another way: ||W_O^h v|| by an explicit product,
+    the gradient norms by torch.autograd.grad on the same objective, the attention from plain replay's scores."""
+    from transformers import DynamicCache
+
+    from kvforge.model import load_model
+    from kvforge.prefill import REPLAY_PROMPT, _replay_with_gradient, _value_write_norms, prefill, replay_scores
+
+    lm = load_model(tiny_llama)
+    kv = prefill(lm.model, lm.encode_document("A fox, a dog and a cat sat by the river bank. " * 6))
+    L, H, T, D = kv.shape
+    model = lm.model
+    for layer in (0, L - 1):
+        w = model.model.layers[layer].self_attn.o_proj.weight.detach().float()  # (hidden, Hq * D)
+        Hq = w.shape[1] // D
+        explicit = torch.stack([(kv.values[layer][h // (Hq // H)].float() @ w[:, h * D:(h + 1) * D].T).norm(dim=-1)
+                                for h in range(Hq)])
+        assert torch.allclose(_value_write_norms(model, layer, kv.values[layer]), explicit, rtol=1e-4, atol=1e-5)
+    prompt = lm.tokenizer(REPLAY_PROMPT, add_special_tokens=False)["input_ids"]
+    replay = prompt + kv.input_ids
+
+    def cache():
+        c = DynamicCache(config=model.config)
+        for layer in range(L):
+            c.update(kv.keys[layer][None].clone(), kv.values[layer][None].clone(), layer)
+        return c
+
+    norms = _replay_with_gradient(model, cache(), replay)
+    # the gradient through an independent objective: Phi computed from a second forward's layer outputs
+    captured = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    final = []
+    hooks.append(model.model.layers[-1].register_forward_hook(lambda m, a, o: final.append(o[0] if isinstance(o, tuple) else o)))
+    try:
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(torch.tensor([replay])).detach().requires_grad_(True)
+            model.model(inputs_embeds=embeds, past_key_values=cache(), use_cache=True)
+            grads = torch.autograd.grad(final[0].float().square().sum(), captured)
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in range(L):
+        assert torch.allclose(norms[layer], grads[layer][0].float().norm(dim=-1), rtol=1e-4, atol=1e-6)
+    plain = replay_scores(model, kv, kv.input_ids, prompt, chunk=4096)
+    weighted = replay_scores(model, kv, kv.input_ids, prompt, chunk=4096, attribution=True)
+    assert weighted.shape == plain.shape == (L, H, T) and bool((weighted >= 0).all())
+    # bounded by the largest attention times the largest factors, and not the same ranking as plain replay
+    for layer in range(L):
+        bound = plain[layer] * norms[layer][len(prompt):].max() * _value_write_norms(
+            model, layer, kv.values[layer]).view(H, -1, T).amax(dim=1)
+        assert bool((weighted[layer] <= bound * (1 + 1e-4) + 1e-9).all())
+    assert not torch.equal(weighted.argsort(dim=-1), plain.argsort(dim=-1))
 
 
 class TestConformance:

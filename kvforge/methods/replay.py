@@ -11,7 +11,9 @@ per-head budgets), sink and recent tokens protected; ``--allocate pilot`` and th
 value refit of ``select_fit`` (``signal=replay``) build on the same scores.
 
 Cost: one more forward over the document (the replay), plus the replay's attention
-weights computed per layer, chunk by chunk.
+weights computed per layer, chunk by chunk. ``replay:grad=1`` weights each replayed
+token's attention by input x gradient attribution, the signal of kvpress's KVgradPress
+(one backward pass per chunk more).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from ..prefill import KV, REPLAY_PROMPT, replay_scores
 from .base import CompressionContext, ScoredCompressor, register
 
 
-def replay_signal(kv: KV, ctx: CompressionContext, chunk: int = 512) -> torch.Tensor:
+def replay_signal(kv: KV, ctx: CompressionContext, chunk: int = 512, attribution: bool = False) -> torch.Tensor:
     """(L, H, T) replay attention of a prefilled document; needs the model and the document's ids."""
     lm = ctx.model
     if lm is None or kv.input_ids is None:
         raise ValueError("the replay signal needs the model and the document's token ids (a real prefill)")
     prompt = lm.tokenizer(REPLAY_PROMPT, add_special_tokens=False)["input_ids"]
-    return replay_scores(lm.model, kv, kv.input_ids, prompt, chunk=chunk)
+    return replay_scores(lm.model, kv, kv.input_ids, prompt, chunk=chunk, attribution=attribution)
 
 
 @register
@@ -41,11 +43,14 @@ class Replay(ScoredCompressor):
     name = "replay"
     needs_model = True
     chunk: int = 512  # replayed tokens per forward
+    grad: int = 0  # 1: weight the replay's attention by input x gradient attribution (KVgradPress's signal)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk < 1:
             raise ValueError("chunk must be >= 1")
+        if self.grad not in (0, 1):
+            raise ValueError("grad must be 0 or 1")
 
     def score(self, kv: KV, ctx: CompressionContext) -> torch.Tensor:
-        return replay_signal(kv, ctx, self.chunk)
+        return replay_signal(kv, ctx, self.chunk, attribution=bool(self.grad))

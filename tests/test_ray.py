@@ -206,8 +206,12 @@ def test_bad_documents_are_reported_not_retried_forever(tmp_path, corpus, tiny_l
     assert (faults / f"{bad}.attempts").read_text().count("\n") == 1
     assert not (out / f"{bad}.kv").exists() and bad not in _library_ids(out)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
-    # what was built before the failure is whole and resumes
-    for name in _library_ids(out):
+    # what was built before the failure is whole and resumes; the poison document, harmless in this run, may be
+    # among it (whether a worker reached it before the failure stopped the build depends on timing): verified, and
+    # compared with the first run only where that run built it
+    if _library_ids(out):
+        _verified(out)
+    for name in set(_library_ids(out)) - {poison}:
         assert (out / f"{name}.kv").read_bytes() == (tmp_path / "skip" / f"{name}.kv").read_bytes()
 
 

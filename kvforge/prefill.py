@@ -169,18 +169,20 @@ def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], ch
     from transformers import DynamicCache
 
     L, H, T, D = kv.keys.shape
+    weights0 = next(model.parameters())
+    device, dtype = weights0.device, weights0.dtype  # kv is float32 on the CPU; the replay runs where the model is
     scale = float(getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5))
     scores = torch.zeros(L, H, T)
     saved_attn = model.config._attn_implementation
     _register_capture()
-    model.set_attn_implementation(CAPTURE_ATTN)
+    model.set_attn_implementation(attention_name(model, CAPTURE_ATTN))
     try:
         for a in range(0, T, chunk):
             replay = prompt_ids + input_ids[a:a + chunk]
             n, skip = len(replay), len(prompt_ids)
             cache = DynamicCache(config=model.config)
             for layer in range(L):
-                keys, values = kv.keys[layer][None], kv.values[layer][None]
+                keys, values = (t[layer][None].to(device, dtype) for t in (kv.keys, kv.values))
                 if attribution:  # copies made outside inference mode: inference tensors cannot enter a backward graph
                     with torch.inference_mode(False):
                         keys, values = keys.clone(), values.clone()
@@ -189,9 +191,10 @@ def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], ch
             if attribution:
                 grad_norms = _replay_with_gradient(model, cache, replay)  # L x (n,)
             else:
-                model(input_ids=torch.tensor([replay]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=torch.tensor([replay], device=device), past_key_values=cache, use_cache=True,
+                      logits_to_keep=1)
             queries, _captured = _captured, None
-            causal = torch.ones(n, n, dtype=torch.bool).tril()[skip:]  # (c, n): replayed rows over replay keys
+            causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()[skip:]  # (c, n): rows over replay keys
             for layer in range(L):
                 q = queries[layer][:, skip:].detach().float()  # (Hq, c, D)
                 k_all = cache.layers[layer].keys[0].detach().float()  # (H, T + n, D)
@@ -202,10 +205,10 @@ def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], ch
                 weights = torch.softmax(logits, dim=-1)[:, :, :T]  # (Hq, c, T)
                 if attribution:
                     weights = weights * grad_norms[layer][skip:, None]  # (Hq, c, T) x (c, 1)
-                    best = weights.amax(dim=1) * _value_write_norms(model, layer, kv.values[layer])  # (Hq, T)
+                    best = weights.amax(dim=1).cpu() * _value_write_norms(model, layer, kv.values[layer])  # (Hq, T)
                     best = best.view(H, group, T).amax(dim=1)
                 else:
-                    best = weights.amax(dim=1).view(H, group, T).amax(dim=1)  # (H, T)
+                    best = weights.amax(dim=1).view(H, group, T).amax(dim=1).cpu()  # (H, T)
                 scores[layer] = torch.maximum(scores[layer], best)
     finally:
         _captured = None
@@ -238,7 +241,8 @@ def _replay_with_gradient(model, cache, replay: list[int]) -> list[torch.Tensor]
         for p in frozen:
             p.requires_grad_(False)
         with torch.inference_mode(False), torch.enable_grad():
-            embeds = model.get_input_embeddings()(torch.tensor([replay])).detach().requires_grad_(True)
+            ids = torch.tensor([replay], device=next(model.parameters()).device)
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
             model.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
             last[0].float().square().sum().backward()
         return [out.grad[0].float().norm(dim=-1) for out in outputs]  # (n,) per layer
@@ -252,9 +256,9 @@ def _replay_with_gradient(model, cache, replay: list[int]) -> list[torch.Tensor]
 def _value_write_norms(model, layer: int, values: torch.Tensor) -> torch.Tensor:
     """||W_O^h v_c|| for every query head h and cached value v_c of its KV head: (Hq, T) float32.
 
-    values: (H, T, D). Computed as sqrt(v^T (W_h^T W_h) v) with the (D, D) Gram matrix of each head's
+    values: (H, T, D), on the CPU, as the KV holds them. Computed as sqrt(v^T (W_h^T W_h) v) with the (D, D) Gram matrix of each head's
     slice of the output projection."""
-    weight = model.model.layers[layer].self_attn.o_proj.weight.detach().float()  # (hidden, Hq * D)
+    weight = model.model.layers[layer].self_attn.o_proj.weight.detach().float().cpu()  # (hidden, Hq * D)
     H, T, D = values.shape
     heads = weight.shape[1] // D
     group = heads // H

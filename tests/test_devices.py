@@ -127,3 +127,14 @@ def test_a_cache_of_another_shape_is_refused(tmp_path, tiny_llama, tiny_qwen):
     art.kv.keys[0] = art.kv.keys[0][:, :8]  # a lying cache: head dim 8 for a model of 16
     with pytest.raises(IncompatibleModelError, match=r"head dim 8, but the loaded model .* 2 x 2 x 16"):
         Doc.from_kv(load_model(tiny_llama), art.kv, art.logical_length)
+
+
+@pytest.mark.parametrize("method", ["replay", "replay:grad=1", "select_fit:replay=1"])
+def test_methods_that_run_the_model_again_follow_its_dtype(tmp_path, tiny_llama, method):
+    """The replay runs the model over the document's cache once more: in the model's dtype, not the KV's float32."""
+    (tmp_path / "doc.txt").write_text(TEXT)
+    kvforge.build([tmp_path / "doc.txt"], tmp_path / "lib", method=method, keep=0.25, model=tiny_llama,
+                  compute_dtype="bfloat16", progress=False)
+    doc = kvforge.load(tmp_path / "lib" / "doc.kv", model=tiny_llama, compute_dtype="bfloat16")
+    assert doc.manifest["compression"]["keep_achieved"] == pytest.approx(0.25, abs=0.03)
+    doc.answer_ids(QUESTIONS[0], max_new_tokens=4)  # and it answers

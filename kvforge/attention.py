@@ -209,16 +209,6 @@ class BatchedRaggedCache(Cache):
         self.members = caches
 
 
-def kv_to(kv: CompressedKV, device) -> CompressedKV:
-    """``kv``'s tensors on ``device`` (the same object when they are there already)."""
-    device = torch.device(device)
-    if kv.keys and kv.keys[0].device == device:
-        return kv
-    move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
-    return CompressedKV(lengths=kv.lengths, positions=kv.positions, keys=move(kv.keys), values=move(kv.values),
-                        beta=move(kv.beta) if kv.beta is not None else None)
-
-
 def text_attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
     """The attention of a plain text forward: the model's own eager one when it softcaps logits, else SDPA."""
     if kwargs.get("softcap") is not None:

@@ -20,8 +20,9 @@ from .options import AUTO, COMPUTE_DTYPES, check_choice
 
 DEVICE_ENV = "KVFORGE_DEVICE"
 DTYPE_ENV = "KVFORGE_COMPUTE_DTYPE"
-# On this project's CPU (2 cores, AVX-512 BF16) float32 measured faster than bfloat16 for the question's
-# forward and for decoding, and bfloat16 only ~1.3x faster for a long prefill (docs/experiments/devices.md).
+# On this project's CPU (2 cores, AVX-512 BF16), quiet machine: bfloat16 was even with float32 for a question's
+# forward, 1.5x slower decoding and 1.8-2.2x faster for a long prefill (docs/experiments/devices.md): float32
+# answers best; `--compute-dtype bfloat16` is the faster build.
 CPU_DEFAULT_DTYPE = "float32"
 
 

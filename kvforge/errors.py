@@ -56,3 +56,7 @@ class WorkerLostError(KvforgeError):
 
 class DeviceError(ConfigError):
     """The asked device is not on this machine, or cannot compute in the asked dtype."""
+
+
+class TrainingError(KvforgeError):
+    """A training run cannot go on (its loss became NaN or inf, its checkpoint disagrees with the asked run)."""

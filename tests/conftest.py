@@ -99,3 +99,27 @@ def docs(tmp_path) -> Path:
     for name in ("assert", "pass", "del"):
         (folder / f"{name}.txt").write_text(topics.topics[name][:1200])
     return folder
+
+
+def write_training_corpus(folder: Path, n: int = 6, chars: int = 3000) -> Path:
+    """``n`` real-text documents (Python's language reference) long enough for a training window."""
+    import pydoc_data.topics as topics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in sorted(topics.topics) if len(topics.topics[k]) >= chars][:n]
+    for k in keys:
+        (folder / f"{k}.txt").write_text(topics.topics[k][:chars])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_llama) -> Path:
+    """A distill adapter for tiny_llama, trained a few real steps."""
+    pytest.importorskip("peft", reason="the distill adapter needs peft: pip install 'kvforge[train]'")
+    from kvforge.train import distill
+
+    base = tmp_path_factory.mktemp("tiny-adapter")
+    out = base / "adapter"
+    distill([str(write_training_corpus(base / "corpus"))], out, model=str(tiny_llama), steps=4, context=128,
+            progress=False)
+    return out

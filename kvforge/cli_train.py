@@ -1,0 +1,74 @@
+"""``kvforge train``: the training commands (parse and print; the work is in kvforge.train)."""
+
+from __future__ import annotations
+
+import click
+
+from .cli_options import MODEL_HELP, device_options, emit_json
+from .errors import ConfigError
+
+
+def _keep_range(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write LO,HI, for instance 0.03,0.3") from None
+    return lo, hi
+
+
+@click.group()
+def train():
+    """Train learned compressors offline, on the library they will compress.
+
+    \b
+      kvforge train distill docs/ -o my-adapter/                   # a KV-Distill adapter for docs/
+      kvforge train distill docs/ --init shipped -o my-adapter/    # fine-tune the shipped one
+      kvforge build docs/ -o lib/ --method distill:adapter=my-adapter --keep 0.1
+    """
+
+
+@train.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="the adapter directory to write (with checkpoint.pt, losses.jsonl and loss.png)")
+@click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
+@click.option("--steps", default=None, type=int, help="optimizer steps, one example each  [default: 600]")
+@click.option("--context", default=None, type=int, help="tokens per training window  [default: 512]")
+@click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
+              help="every step's keep is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.03,0.3]")
+@click.option("--init", default=None, metavar="shipped|DIR", help="start from this adapter (domain fine-tuning)")
+@click.option("--lr", default=None, type=float, help="peak learning rate  [default: 5e-4]")
+@click.option("--mix", default=None, metavar="KIND=W,...",
+              help="probe kinds and weights: recall, needle, fact  [default: recall=0.4,needle=0.4,fact=0.2]")
+@click.option("--seed", default=0, show_default=True, type=int, help="examples, keeps and initial weights")
+@click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
+@click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
+@click.option("--no-progress", is_flag=True, help="hide the progress bar")
+@device_options
+def distill(sources, out, model, steps, context, keep_range, init, lr, mix, seed, resume, as_json, no_progress,
+            device, compute_dtype):
+    """Train a KV-Distill adapter (a token scorer + LoRA routed to the kept tokens) on SOURCES.
+
+    Examples are generated from the documents alone: recall probes, facts the text states, planted
+    facts; the dense cache's answers are the teacher. A checkpoint is written every 25 steps: after a
+    kill, rerun with --resume. The default run takes about 30 minutes on 2 CPU cores.
+    """
+    from .train import distill as run
+
+    settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr, mix=mix).items()
+                if v is not None}
+    if init is not None and resume:
+        raise ConfigError("--init and --resume: a resumed run continues from its checkpoint; pass one of them")
+    report = run(list(sources), out, model=model, init=init, resume=resume, seed=seed, device=device,
+                 compute_dtype=compute_dtype, progress=not no_progress and not as_json, **settings)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"adapter {report['adapter']} (sha256 {report['adapter_sha256'][:12]}...): {report['steps_run']} steps "
+               f"in {report['seconds']:.0f} s, final loss {report['final_loss']} (KL {report['final_kl']}) "
+               f"over {report['windows']} windows of {report['documents']} documents")
+    if report["too_short"]:
+        click.echo(f"skipped {len(report['too_short'])} documents shorter than the context", err=True)
+    click.echo(f"loss curve: {out}/loss.png; build with: kvforge build DOCS -o LIB --method distill:adapter={out}")

@@ -1,0 +1,246 @@
+"""``kvforge train distill``: train a KV-Distill adapter on a corpus, with checkpoints, resume and a loss plot.
+
+One step is one example (a document window and a probe, :mod:`kvforge.train.data`) at one keep drawn
+log-uniformly from the keep range; every example is trained at ``reuse`` keeps in consecutive steps, so
+that its teacher pass (the dense cache's answer distribution) is computed once and reused. The adapter
+(LoRA + scorer) is the only thing that learns; AdamW, a short linear warm-up, then a cosine decay to a
+tenth of the learning rate. Everything random is a function of the seed and the step, so a resumed
+run continues the same run.
+
+The run directory is the adapter: its files, ``checkpoint.pt`` (adapter, optimizer, step, history:
+written atomically every ``checkpoint_every`` steps), ``losses.jsonl`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..containers import atomic_file
+from ..corpus import load_corpus
+from ..errors import ConfigError, TrainingError
+from .adapter import CONFIG_FILE, DistillModel, default_config, load_adapter, read_meta
+from .data import ExampleMaker, make_windows, parse_mix
+from .student import install, student_loss, teacher_pass
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """One run's settings; all of them are recorded in the adapter and checked on resume.
+
+    steps:        optimizer steps (one example at one keep each)
+    context:      document-window tokens per example (template prefix included)
+    keep_range:   (lo, hi): every step's keep is drawn log-uniformly from it; 0 < lo <= hi <= 1
+    lr:           AdamW's peak learning rate
+    rank_weight:  weight of the ranking term (the scorer towards the teacher's answer attention)
+    reuse:        consecutive steps that train one example (at different keeps) on one teacher pass
+    rank:         LoRA rank (rank-stabilized)
+    mix:          probe kinds and weights (kvforge.train.data.MIX)
+    seed:         examples, keeps and the initial weights
+    """
+
+    steps: int = 600
+    context: int = 512
+    keep_range: tuple[float, float] = (0.03, 0.3)
+    lr: float = 5e-4
+    rank_weight: float = 0.1
+    reuse: int = 2
+    rank: int = 8
+    mix: dict = field(default_factory=lambda: parse_mix(None))
+    seed: int = 0
+    warmup: int = 10
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        lo, hi = (float(x) for x in self.keep_range)
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"--keep-range {lo},{hi}: need 0 < LO <= HI <= 1 (fractions of the document kept)")
+        self.keep_range = (lo, hi)
+        if self.steps < 1 or self.reuse < 1 or self.checkpoint_every < 1:
+            raise ConfigError("--steps, reuse and checkpoint_every must be >= 1")
+        if self.context < 128:
+            raise ConfigError(f"--context {self.context}: use at least 128 tokens")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
+        self.mix = parse_mix(self.mix)
+
+    def keep_at(self, step: int) -> float:
+        lo, hi = self.keep_range
+        u = random.Random(f"keep:{self.seed}:{step}").random()
+        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def resumable(self) -> dict:
+        """What a resumed run must share with the checkpoint (steps may grow)."""
+        d = asdict(self)
+        d.pop("steps")
+        d["keep_range"] = list(self.keep_range)
+        return d
+
+
+def _corpus(sources) -> tuple[list[tuple[str, str]], str]:
+    docs, _ = load_corpus(sources)
+    if not docs:
+        raise ConfigError("the training corpus is empty: pass folders or files with .txt / .md documents")
+    digest = hashlib.sha256("".join(d.sha256 for d in sorted(docs, key=lambda d: d.id)).encode()).hexdigest()
+    return [(d.id, d.text) for d in docs], digest
+
+
+def distill(sources, out, *, model=None, init: str | None = None, resume: bool = False, progress: bool = True,
+            device: str | None = None, compute_dtype: str | None = None, **settings) -> dict:
+    """Train a distill adapter on ``sources`` into the directory ``out``; returns the run's record.
+
+    ``settings`` are :class:`TrainConfig` fields (steps, context, keep_range, lr, mix, seed, ...).
+    ``init``: an adapter to start from ("shipped" or a directory: domain fine-tuning). ``resume``: continue
+    the run whose checkpoint is in ``out`` (the same settings; ``steps`` may be raised).
+    Raises KvforgeError on bad input before the first step, and TrainingError at a step whose loss is not
+    finite (the last good checkpoint is kept).
+    """
+    from ..model import load_model
+
+    cfg = TrainConfig(**settings)
+    out = Path(out)
+    lm = load_model(model, device=device, compute_dtype=compute_dtype)
+    texts, corpus_sha = _corpus(sources)
+    windows, short = make_windows(lm, texts, cfg.context)
+    checkpoint = out / CHECKPOINT
+    if checkpoint.exists() and not resume:
+        raise ConfigError(f"{out} holds a training run (checkpoint.pt); pass --resume to continue it, "
+                          "or choose another -o")
+    if not resume and (out / CONFIG_FILE).exists():
+        raise ConfigError(f"{out} already holds a trained adapter; choose another -o")
+    if resume and not checkpoint.exists():
+        raise ConfigError(f"--resume: {out} has no checkpoint.pt to resume from")
+
+    torch.manual_seed(cfg.seed)
+    if init is not None:
+        dm, init_sha = load_adapter(init, lm, trainable=True)
+    else:
+        dm, init_sha = DistillModel(lm, default_config(lm, rank=cfg.rank), trainable=True), None
+    install(dm.model)
+    params = dm.parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, history = 0, []
+    if resume:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state["settings"] != cfg.resumable() or state["corpus_sha256"] != corpus_sha:
+            raise TrainingError(f"{checkpoint} is a run with other settings or another corpus "
+                                f"({state['settings']}); resume with the same ones, or choose another -o")
+        dm.load_state(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+    make = ExampleMaker(lm, windows, cfg.seed, cfg.mix)
+    record = {"settings": cfg.resumable() | {"steps": cfg.steps}, "corpus_sha256": corpus_sha, "documents": len(texts),
+              "windows": len(windows), "too_short": short, "init": init_sha, "device": lm.device,
+              "compute_dtype": lm.compute_dtype, "base_model": lm.info.name}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
+    teacher_of: tuple[int, object] | None = None
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        index = step // cfg.reuse
+        ex = make(index)
+        if teacher_of is None or teacher_of[0] != index:
+            teacher_of = (index, teacher_pass(dm, ex))
+        keep = cfg.keep_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = student_loss(dm, ex, teacher_of[1], keep, cfg.rank_weight)
+        if not torch.isfinite(loss):
+            bar.close()
+            _plot(out, history)
+            last = f"the last good checkpoint (step {history_step(out)}) is kept in {checkpoint}" \
+                if checkpoint.exists() else "no checkpoint was written yet"
+            raise TrainingError(f"the loss became {float(loss.detach())} at step {step + 1} ({ex.kind} example, keep "
+                                f"{keep:.3f}); {last}. Lower the learning rate (--lr) and --resume, or start again")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        history.append({"step": step + 1, "kind": ex.kind, **{k: round(v, 6) for k, v in parts.items()}})
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts['loss']:.3f}", kl=f"{parts['kl']:.3f}", keep=f"{keep:.2f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _checkpoint(out, dm, optimizer, step + 1, history, cfg, corpus_sha)
+    bar.close()
+    record.update(seconds=round(time.perf_counter() - t0, 1), steps_run=cfg.steps - start,
+                  final_loss=_mean_last(history, "loss"), final_kl=_mean_last(history, "kl"))
+    if cfg.steps > start:
+        record["seconds_per_step"] = round(record["seconds"] / (cfg.steps - start), 3)
+    digest = dm.save(out, record)
+    _write_losses(out, history)
+    _plot(out, history)
+    return {"adapter": str(out), "adapter_sha256": digest, **record}
+
+
+def history_step(out: Path) -> int:
+    try:
+        return torch.load(Path(out) / CHECKPOINT, map_location="cpu", weights_only=False)["step"]
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return 0
+
+
+def _checkpoint(out: Path, dm, optimizer, step: int, history: list, cfg: TrainConfig, corpus_sha: str) -> None:
+    state = {"step": step, "history": history, "adapter": {k: v.detach().cpu() for k, v in dm.state().items()},
+             "optimizer": optimizer.state_dict(), "settings": cfg.resumable(), "corpus_sha256": corpus_sha}
+    with atomic_file(out / CHECKPOINT) as fh:
+        torch.save(state, fh)
+
+
+def _mean_last(history: list, key: str, n: int = 25) -> float | None:
+    tail = [h[key] for h in history[-n:]]
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+def _write_losses(out: Path, history: list) -> None:
+    with atomic_file(out / "losses.jsonl") as fh:
+        fh.write("".join(json.dumps(h) + "\n" for h in history).encode())
+
+
+def _plot(out: Path, history: list) -> None:
+    """loss.png: the loss and its KL part per step, and their running means."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    for key, color in (("loss", "tab:blue"), ("kl", "tab:orange")):
+        ys = [h[key] for h in history]
+        ax.plot(steps, ys, color=color, alpha=0.25, lw=0.8)
+        w = max(1, min(25, len(ys) // 5))
+        run = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(steps, run, color=color, lw=1.8, label=f"{key} (running mean of {w})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("kvforge train distill")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(Path(out) / "loss.png") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+
+
+def adapter_record(path) -> dict:
+    """The training record stored in an adapter (for reports)."""
+    return read_meta(Path(path)).get("training", {})

@@ -1,0 +1,217 @@
+"""kvforge train distill and the distill method, on the tiny model (real optimizer, real peft, real builds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="kvforge train needs peft: pip install 'kvforge[train]'")
+
+from conftest import write_training_corpus  # noqa: E402
+from kvforge.errors import ConfigError, IncompatibleModelError, InputError, KvforgeError, TrainingError
+from kvforge.train import distill
+from kvforge.train.adapter import load_adapter
+from kvforge.train.data import ExampleMaker, make_windows
+from kvforge.train.loop import TrainConfig
+from kvforge.train.student import install, select_tokens, student_loss, teacher_pass
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_training_corpus(tmp_path_factory.mktemp("train") / "corpus")
+
+
+def _held_loss(adapter, lm, examples) -> tuple[float, float]:
+    """The KL and ranking parts of the loss, summed over ``examples``."""
+    dm, _ = load_adapter(adapter, lm, trainable=True)
+    install(dm.model)
+    with torch.no_grad():
+        parts = [student_loss(dm, ex, teacher_pass(dm, ex), keep, 0.1)[1] for ex, keep in examples]
+    return sum(p["kl"] for p in parts), sum(p["rank"] for p in parts)
+
+
+def test_training_lowers_the_loss_on_fixed_examples(tiny_llama, corpus, tmp_path):
+    from kvforge.model import load_model
+
+    lm = load_model(tiny_llama)
+    first = tmp_path / "first"
+    distill([str(corpus)], first, model=str(tiny_llama), steps=1, context=128, lr=1e-9, progress=False)
+    trained = tmp_path / "trained"
+    distill([str(corpus)], trained, model=str(tiny_llama), steps=40, context=128, lr=3e-3, reuse=4, progress=False)
+    windows, _ = make_windows(lm, [(p.name, p.read_text()) for p in sorted(corpus.iterdir())], 128)
+    make = ExampleMaker(lm, windows, seed=0)
+    examples = [(make(i), keep) for i in range(8) for keep in (0.1, 0.3)]  # the examples the run trained on
+    before, after = _held_loss(first, lm, examples), _held_loss(trained, lm, examples)
+    # the tiny random model barely depends on its context (KL ~0.002 per example), so the margin is modest
+    assert after[0] < 0.95 * before[0] and after[1] < before[1], (before, after)
+    record = json.loads((trained / "kvforge-distill.json").read_text())["training"]
+    assert record["steps_run"] == 40 and record["final_loss"] is not None
+    assert (trained / "loss.png").stat().st_size > 1000
+    assert len((trained / "losses.jsonl").read_text().splitlines()) == 40
+
+
+def test_a_killed_run_resumes_into_the_same_adapter(tiny_llama, corpus, tmp_path):
+    args = dict(model=str(tiny_llama), steps=60, context=128, checkpoint_every=5, progress=False)
+    whole = tmp_path / "whole"
+    distill([str(corpus)], whole, **args)
+    killed = tmp_path / "killed"
+    code = (f"from kvforge.train import distill\n"
+            f"distill([{str(corpus)!r}], {str(killed)!r}, **{args!r})\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint.pt").exists()
+    if (killed / "kvforge-distill.json").exists():
+        pytest.skip("the run finished before it could be killed")  # not a failure of resume
+    with pytest.raises(ConfigError, match="--resume"):
+        distill([str(corpus)], killed, **args)
+    distill([str(corpus)], killed, resume=True, **args)
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", "scorer.safetensors"):
+        a, b = load_file(str(whole / name)), load_file(str(killed / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TrainingError, match="other settings"):
+        distill([str(corpus)], killed, resume=True, **(args | {"context": 160}))
+
+
+def test_adapter_round_trip_and_foreign_model_refusal(tiny_llama, other_llama, tiny_adapter):
+    from kvforge.model import load_model
+
+    lm = load_model(tiny_llama)
+    dm, digest = load_adapter(tiny_adapter, lm, trainable=True)
+    again, digest2 = load_adapter(tiny_adapter, lm, trainable=True)
+    assert digest == digest2
+    for k, v in dm.state().items():
+        assert torch.equal(v, again.state()[k]), k
+    assert any(v.abs().sum() > 0 for k, v in dm.state().items() if "lora_B" in k)  # trained, not the zero init
+    with pytest.raises(IncompatibleModelError, match="trained on"):
+        load_adapter(tiny_adapter, load_model(other_llama))
+
+
+@pytest.mark.parametrize("lo_hi", [(0.0, 0.5), (0.2, 1.5), (0.4, 0.2), (-0.1, 0.3)])
+def test_keep_range_is_checked(lo_hi):
+    with pytest.raises(ConfigError, match="keep-range"):
+        TrainConfig(keep_range=lo_hi)
+
+
+def test_keeps_stay_in_range_and_selection_keeps_the_budget():
+    cfg = TrainConfig(keep_range=(0.05, 0.2))
+    keeps = [cfg.keep_at(s) for s in range(500)]
+    assert min(keeps) >= 0.05 and max(keeps) <= 0.2 and max(keeps) - min(keeps) > 0.1
+    scores = torch.randn(300)
+    for k in (1, 12, 30, 299):
+        kept = select_tokens(scores, k, sink=4, recent=4)
+        assert int(kept.sum()) == max(k, 8) and kept[:4].all() and kept[-4:].all()
+
+
+def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(KvforgeError):
+        distill([str(empty)], tmp_path / "a", model=str(tiny_llama), steps=1, progress=False)
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "tiny.txt").write_text("A short note about nothing much.")
+    with pytest.raises(InputError, match="training context"):
+        distill([str(short)], tmp_path / "b", model=str(tiny_llama), steps=1, context=128, progress=False)
+    with pytest.raises(ConfigError, match="not a kvforge distill adapter"):
+        distill([str(corpus)], tmp_path / "c", model=str(tiny_llama), steps=1, context=128, init=str(tmp_path),
+                progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_loss_that_becomes_nan_stops_at_that_step_and_keeps_the_checkpoint(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="the loss became") as info:
+        distill([str(corpus)], out, model=str(tiny_llama), steps=50, context=128, lr=1e30, warmup=1,
+                checkpoint_every=1, progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["adapter"].values())
+    assert f"step {state['step']}" in str(info.value)
+    assert not (out / "kvforge-distill.json").exists()  # no adapter from a broken run
+
+
+def test_distill_builds_artifacts_that_answer(tiny_llama, tiny_adapter, docs, tmp_path):
+    import kvforge
+    from kvforge.artifact import read as read_artifact
+
+    spec = f"distill:adapter={tiny_adapter}"
+    for allocate in ("uniform", "pilot"):
+        out = tmp_path / allocate
+        kvforge.build([docs], out, method=spec, keep=0.25, model=tiny_llama, allocate=allocate, progress=False)
+        art = read_artifact(out / "assert.kv")
+        assert art.kv.beta is not None
+        assert 0.2 <= art.manifest["compression"]["keep_achieved"] <= 0.3
+        cfg = art.manifest["compression"]["method"]["config"]
+        assert len(cfg["adapter_sha256"]) == 64 and cfg["adapter_config"]["first_layer"] == 1
+        doc = kvforge.load(out / "assert.kv", model=tiny_llama)
+        assert isinstance(doc.answer("What does assert do?", max_new_tokens=4), str)
+    out = tmp_path / "auto"
+    kvforge.build([docs], out, method=spec, keep="auto", model=tiny_llama, progress=False)
+    assert (out / "assert.kv").exists()
+
+
+def test_a_build_refuses_an_adapter_other_than_the_one_asked_for(tiny_llama, tiny_adapter, docs, tmp_path):
+    import kvforge
+
+    with pytest.raises(ConfigError, match="not the"):
+        kvforge.build([docs], tmp_path / "x", method=f"distill:adapter={tiny_adapter}:adapter_sha256={'0' * 64}",
+                      keep=0.25, model=tiny_llama, progress=False)
+
+
+def test_the_runtime_never_loads_peft_or_the_training_side():
+    code = "import sys, kvforge.runtime, kvforge.serve; print(' '.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert [m for m in loaded if m == "peft" or m.startswith(("peft.", "kvforge.train"))] == []
+
+
+def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from kvforge.cli import cli
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli, ["train", "distill", str(corpus), "-o", str(out), "--model", str(tiny_llama),
+                                      "--steps", "2", "--context", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["steps_run"] == 2
+    bad = CliRunner().invoke(cli, ["train", "distill", str(corpus), "-o", str(tmp_path / "bad"), "--model",
+                                   str(tiny_llama), "--keep-range", "0.5,2"])
+    assert bad.exit_code == 2 and "keep-range" in bad.output
+    unknown = CliRunner().invoke(cli, ["train", "distill", str(corpus), "-o", str(tmp_path / "u"), "--init", "nowhere"])
+    assert unknown.exit_code == 2 and "not a kvforge distill adapter" in unknown.output
+
+
+@pytest.mark.real
+def test_the_shipped_adapter_loads_and_builds_with_the_embedded_model(tmp_path):
+    from click.testing import CliRunner
+
+    from kvforge.cli import cli
+    from kvforge.train.adapter import resolve_adapter
+
+    path = resolve_adapter("shipped")
+    assert sum(f.stat().st_size for f in path.iterdir()) < 8 * 2**20  # a few MB inside the package
+    examples = Path(__file__).parent.parent / "examples" / "corpus"
+    out = tmp_path / "lib"
+    built = CliRunner().invoke(cli, ["build", str(examples / "for-statement.txt"), "-o", str(out), "--method", "distill",
+                                     "--keep", "0.1", "--no-progress", "--json"])
+    assert built.exit_code == 0, built.output
+    asked = CliRunner().invoke(cli, ["query", str(out / "for-statement.kv"), "What does a for statement iterate over?",
+                                     "--max-new-tokens", "16", "--json"])
+    assert asked.exit_code == 0, asked.output
+    assert json.loads(asked.output)["answer"].strip()

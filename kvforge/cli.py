@@ -16,6 +16,7 @@ from .cli_options import MODEL_HELP, device_options as _device_options, emit_jso
 from .cli_train import train
 from .options import ALLOCATIONS, AUTO, EXECUTORS, FORMATS, QUANTIZATIONS, STORAGE_DTYPES
 
+
 class _Group(click.Group):
     """Turns every KvforgeError into one clear line on stderr and exit status 2."""
 

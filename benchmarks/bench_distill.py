@@ -26,6 +26,7 @@ from kvforge.eval import sources as S
 from kvforge.methods import Budget, CompressionContext, get_method
 from kvforge.model import load_model
 from kvforge.prefill import prefill
+from kvforge.train.adapter import resolve_adapter
 from kvforge.train.loop import adapter_record
 
 
@@ -72,7 +73,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append({"tokens": length, **med, "ratio": med["distill"] / med["prefill"],
                          "ratio_dense": med["distill + dense"] / med["prefill"]})
-    record = adapter_record(__import__("kvforge.train.adapter", fromlist=["x"]).resolve_adapter(args.adapter))
+    record = adapter_record(resolve_adapter(args.adapter))
     result = {"env": environment(lm), "keep": args.keep, "adapter": args.adapter, "rows": rows,
               "training": {k: record.get(k) for k in ("seconds", "steps_run", "seconds_per_step", "settings")},
               "threads": torch.get_num_threads()}

@@ -107,7 +107,7 @@ class Distill(Compressor):
         return super().to_dict()
 
     def _compressor(self, dm, ids: list[int], scores: torch.Tensor, shape):
-        from ..train.student import select_tokens
+        from ..train.student import protected_tokens, select_tokens
 
         L, H, T = shape
         cfg = dm.cfg
@@ -117,10 +117,7 @@ class Distill(Compressor):
             route = select_tokens(scores, int(counts.max()), cfg.sink, cfg.recent)
             keys, values = _adapted_prefill(dm, ids, route.float())
             order = torch.where(route, scores, -torch.inf)  # ranks inside the routed set; protected first
-            protected = torch.zeros(T, dtype=torch.bool)
-            protected[: max(cfg.sink, 1)] = True
-            if cfg.recent:
-                protected[-cfg.recent:] = True
+            protected = protected_tokens(T, cfg.sink, cfg.recent)
             order = torch.where(protected, torch.inf, order)
             beta_all = torch.nn.functional.logsigmoid(scores)
             positions, ks, vs, betas, lengths = [], [], [], [], []

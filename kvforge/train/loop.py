@@ -152,6 +152,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
 
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
     teacher_of: tuple[int, object] | None = None
+    saved_step = start if resume else None  # the step of the checkpoint on disk (None: none written yet)
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         index = step // cfg.reuse
@@ -166,8 +167,8 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
         if not torch.isfinite(loss):
             bar.close()
             _plot(out, history)
-            last = f"the last good checkpoint (step {history_step(out)}) is kept in {checkpoint}" \
-                if checkpoint.exists() else "no checkpoint was written yet"
+            last = f"the last good checkpoint (step {saved_step}) is kept in {checkpoint}" \
+                if saved_step is not None else "no checkpoint was written yet"
             raise TrainingError(f"the loss became {float(loss.detach())} at step {step + 1} ({ex.kind} example, keep "
                                 f"{keep:.3f}); {last}. Lower the learning rate (--lr) and --resume, or start again")
         loss.backward()
@@ -178,6 +179,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
         bar.set_postfix(loss=f"{parts['loss']:.3f}", kl=f"{parts['kl']:.3f}", keep=f"{keep:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _checkpoint(out, dm, optimizer, step + 1, history, cfg, corpus_sha)
+            saved_step = step + 1
     bar.close()
     record.update(seconds=round(time.perf_counter() - t0, 1), steps_run=cfg.steps - start,
                   final_loss=_mean_last(history, "loss"), final_kl=_mean_last(history, "kl"))
@@ -187,13 +189,6 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     _write_losses(out, history)
     _plot(out, history)
     return {"adapter": str(out), "adapter_sha256": digest, **record}
-
-
-def history_step(out: Path) -> int:
-    try:
-        return torch.load(Path(out) / CHECKPOINT, map_location="cpu", weights_only=False)["step"]
-    except Exception:  # noqa: BLE001 - only used to word an error message
-        return 0
 
 
 def _checkpoint(out: Path, dm, optimizer, step: int, history: list, cfg: TrainConfig, corpus_sha: str) -> None:

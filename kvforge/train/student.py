@@ -98,14 +98,20 @@ def install(model) -> None:
     model.set_attn_implementation(TRAIN_ATTN)
 
 
+def protected_tokens(T: int, sink: int, recent: int, device=None) -> torch.Tensor:
+    """(T,) bool: the first ``sink`` (at least one) and last ``recent`` tokens, always kept."""
+    protected = torch.zeros(T, dtype=torch.bool, device=device)
+    protected[: max(sink, 1)] = True
+    if recent > 0:
+        protected[-recent:] = True
+    return protected
+
+
 def select_tokens(scores: torch.Tensor, k: int, sink: int, recent: int) -> torch.Tensor:
     """(T,) bool: the ``sink`` first and ``recent`` last tokens plus the top-scoring others, ``k`` in all
     (never fewer than the protected ones)."""
     T = scores.shape[0]
-    protected = torch.zeros(T, dtype=torch.bool, device=scores.device)
-    protected[: max(sink, 1)] = True
-    if recent > 0:
-        protected[-recent:] = True
+    protected = protected_tokens(T, sink, recent, scores.device)
     ranked = torch.where(protected, torch.inf, scores.detach().float())
     keep = torch.zeros(T, dtype=torch.bool, device=scores.device)
     keep[torch.topk(ranked, k=min(T, max(k, int(protected.sum()))), sorted=False).indices] = True
@@ -177,10 +183,7 @@ def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: fl
             _active = None
     q_log = torch.log_softmax(_answer_logits(model, hidden, ex.answer_positions), dim=-1)
     kl = mixed_kl(teacher.logprobs.to(device).float(), q_log)
-    free = torch.ones(T, dtype=torch.bool, device=device)
-    free[: max(cfg.sink, 1)] = False
-    if cfg.recent:
-        free[-cfg.recent:] = False
+    free = ~protected_tokens(T, cfg.sink, cfg.recent, device)
     target = teacher.importance.to(device)[free]
     rank = -(target / target.sum().clamp_min(1e-12) * torch.log_softmax(scores[free], dim=-1)).sum()
     loss = kl + rank_weight * rank

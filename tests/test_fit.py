@@ -267,7 +267,7 @@ def test_method_specs_carry_options():
     assert (m.init, m.steps, m.keys, m.blend) == ("compactor", 3, True, 1.0)
     assert get_method("select_fit:blend=0.5").to_dict()["config"]["blend"] == 0.5
     for bad in ("sculpt:steps", "sculpt:nope=1", "sculpt:init=random", "nope:x=1", "select_fit:query_block=0",
-                "select_fit:blend=-1", "sculpt:blend=-1"):
+                "select_fit:blend=-1", "sculpt:blend=-1", "sculpt:init=replay:grad=2"):
         with pytest.raises(ConfigError):
             get_method(bad)
 

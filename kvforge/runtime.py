@@ -27,6 +27,7 @@ from .decoder import Answer, AnswerStats, Decoder  # noqa: F401  (AnswerStats: r
 from .doccache import DocumentCache
 from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError
 from .manifest import make_manifest
+from .catmodel import EMBEDDED_CAT
 from .model import EMBEDDED, LoadedModel, Template, load_model
 from .ragged import CompressedKV
 
@@ -222,7 +223,7 @@ def resolve_model_for(manifest: dict, model, **where) -> LoadedModel:
     if os.environ.get("KVFORGE_MODEL"):
         return load_model(None, **where)
     source = manifest["model"].get("source", "")
-    if source and source != EMBEDDED and os.path.isdir(source):
+    if source == EMBEDDED_CAT or (source and source != EMBEDDED and os.path.isdir(source)):
         return load_model(source, **where)
     try:
         return load_model(EMBEDDED if source == EMBEDDED else None, **where)

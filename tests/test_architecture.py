@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "kvforge"
 
 RUNTIME_SIDE = ["kvforge.runtime", "kvforge.doccache", "kvforge.decoder", "kvforge.serve", "kvforge.attention", "kvforge.artifact", "kvforge.library", "kvforge.manifest",
-                "kvforge.containers", "kvforge.quantize", "kvforge.ragged", "kvforge.model", "kvforge.errors",
+                "kvforge.containers", "kvforge.quantize", "kvforge.ragged", "kvforge.model", "kvforge.catmodel", "kvforge.errors",
                 "kvforge.options", "kvforge.verify", "kvforge.convert", "kvforge.devices", "kvforge.architectures"]
 BUILD_SIDE = ["kvforge.builder", "kvforge.methods", "kvforge.calibrate", "kvforge.budget", "kvforge.prefill",
               "kvforge.corpus", "kvforge.eval", "kvforge.train", "kvforge.executors"]

@@ -13,8 +13,6 @@ written atomically every ``checkpoint_every`` steps), ``losses.jsonl`` and ``los
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
@@ -23,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ..containers import atomic_file
-from ..corpus import load_corpus
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError
 from .adapter import CONFIG_FILE, DistillModel, default_config, load_adapter, read_meta
 from .data import ExampleMaker, make_windows, parse_mix
+from .runs import (check_run_dir, load_checkpoint, mean_last, nonfinite, plot_losses, save_checkpoint, training_corpus,
+                   write_losses)
 from .student import install, student_loss, teacher_pass
 
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -92,14 +89,6 @@ class TrainConfig:
         return d
 
 
-def _corpus(sources) -> tuple[list[tuple[str, str]], str]:
-    docs, _ = load_corpus(sources)
-    if not docs:
-        raise ConfigError("the training corpus is empty: pass folders or files with .txt / .md documents")
-    digest = hashlib.sha256("".join(d.sha256 for d in sorted(docs, key=lambda d: d.id)).encode()).hexdigest()
-    return [(d.id, d.text) for d in docs], digest
-
-
 def distill(sources, out, *, model=None, init: str | None = None, resume: bool = False, progress: bool = True,
             device: str | None = None, compute_dtype: str | None = None, **settings) -> dict:
     """Train a distill adapter on ``sources`` into the directory ``out``; returns the run's record.
@@ -115,16 +104,9 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     cfg = TrainConfig(**settings)
     out = Path(out)
     lm = load_model(model, device=device, compute_dtype=compute_dtype)
-    texts, corpus_sha = _corpus(sources)
+    texts, corpus_sha = training_corpus(sources)
     windows, short = make_windows(lm, texts, cfg.context)
-    checkpoint = out / CHECKPOINT
-    if checkpoint.exists() and not resume:
-        raise ConfigError(f"{out} holds a training run (checkpoint.pt); pass --resume to continue it, "
-                          "or choose another -o")
-    if not resume and (out / CONFIG_FILE).exists():
-        raise ConfigError(f"{out} already holds a trained adapter; choose another -o")
-    if resume and not checkpoint.exists():
-        raise ConfigError(f"--resume: {out} has no checkpoint.pt to resume from")
+    checkpoint = check_run_dir(out, resume, CONFIG_FILE, "adapter")
 
     torch.manual_seed(cfg.seed)
     if init is not None:
@@ -136,10 +118,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, history = 0, []
     if resume:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["settings"] != cfg.resumable() or state["corpus_sha256"] != corpus_sha:
-            raise TrainingError(f"{checkpoint} is a run with other settings or another corpus "
-                                f"({state['settings']}); resume with the same ones, or choose another -o")
+        state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha)
         dm.load_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -167,10 +146,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
         if not torch.isfinite(loss):
             bar.close()
             _plot(out, history)
-            last = f"the last good checkpoint (step {saved_step}) is kept in {checkpoint}" \
-                if saved_step is not None else "no checkpoint was written yet"
-            raise TrainingError(f"the loss became {float(loss.detach())} at step {step + 1} ({ex.kind} example, keep "
-                                f"{keep:.3f}); {last}. Lower the learning rate (--lr) and --resume, or start again")
+            raise nonfinite(loss, step, f"{ex.kind} example, keep {keep:.3f}", saved_step, checkpoint)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -182,58 +158,22 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
             saved_step = step + 1
     bar.close()
     record.update(seconds=round(time.perf_counter() - t0, 1), steps_run=cfg.steps - start,
-                  final_loss=_mean_last(history, "loss"), final_kl=_mean_last(history, "kl"))
+                  final_loss=mean_last(history, "loss"), final_kl=mean_last(history, "kl"))
     if cfg.steps > start:
         record["seconds_per_step"] = round(record["seconds"] / (cfg.steps - start), 3)
     digest = dm.save(out, record)
-    _write_losses(out, history)
+    write_losses(out, history)
     _plot(out, history)
     return {"adapter": str(out), "adapter_sha256": digest, **record}
 
 
 def _checkpoint(out: Path, dm, optimizer, step: int, history: list, cfg: TrainConfig, corpus_sha: str) -> None:
-    state = {"step": step, "history": history, "adapter": {k: v.detach().cpu() for k, v in dm.state().items()},
-             "optimizer": optimizer.state_dict(), "settings": cfg.resumable(), "corpus_sha256": corpus_sha}
-    with atomic_file(out / CHECKPOINT) as fh:
-        torch.save(state, fh)
-
-
-def _mean_last(history: list, key: str, n: int = 25) -> float | None:
-    tail = [h[key] for h in history[-n:]]
-    return round(sum(tail) / len(tail), 5) if tail else None
-
-
-def _write_losses(out: Path, history: list) -> None:
-    with atomic_file(out / "losses.jsonl") as fh:
-        fh.write("".join(json.dumps(h) + "\n" for h in history).encode())
+    save_checkpoint(out, {"step": step, "history": history, "adapter": {k: v.detach().cpu() for k, v in dm.state().items()},
+                          "optimizer": optimizer.state_dict(), "settings": cfg.resumable(), "corpus_sha256": corpus_sha})
 
 
 def _plot(out: Path, history: list) -> None:
-    """loss.png: the loss and its KL part per step, and their running means."""
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
-    for key, color in (("loss", "tab:blue"), ("kl", "tab:orange")):
-        ys = [h[key] for h in history]
-        ax.plot(steps, ys, color=color, alpha=0.25, lw=0.8)
-        w = max(1, min(25, len(ys) // 5))
-        run = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(steps, run, color=color, lw=1.8, label=f"{key} (running mean of {w})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title("kvforge train distill")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_file(Path(out) / "loss.png") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
+    plot_losses(out, history, ("loss", "kl"), "kvforge train distill")
 
 
 def adapter_record(path) -> dict:

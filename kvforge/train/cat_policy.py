@@ -1,0 +1,143 @@
+"""KV-CAT's train-time KV sparsification: which prefix slots the positions after a split may attend to.
+
+One training sequence is a window of ``T`` document tokens split at ``s``, followed by a copy of its
+suffix (the ``n = T - s`` tokens after the split, at their own positions ``s..T-1``):
+
+    [ x_0 ... x_{s-1}  x_s ... x_{T-1} | x_s ... x_{T-1} ]
+      prefix           suffix            suffix copy (n rows)
+
+- the window's rows attend causally to the window: the dense pass, whose next-token loss keeps the
+  model's uncompressed behaviour;
+- the copy's rows attend to the prefix slots the policy keeps, per layer and KV head (a ragged set: each
+  head its own tokens, ``k`` of them), and causally to the copy: the compressed pass, distilled towards
+  the frozen base model's dense predictions of the same tokens.
+
+So one forward over ``T + n`` tokens gives both passes. The policies (``k`` slots per head, the first
+``sink`` always among them):
+
+random     a uniform draw per (layer, head), from the seed and the step
+attention  the slots the base model's suffix rows attend to most (summed over the head's query group)
+router     a learned linear score over each slot's value vector per (layer, head); the kept slots'
+           logits get ``log sigmoid(score)``, the bias through which the router learns (as KV-Distill's
+           scorer; kvforge's artifacts carry the same per-entry ``beta``)
+
+Shapes: masks and scores (Hkv, s) per layer; the attention function's query (1, Hq, S, D), key and
+value (1, Hkv, S, D), output (1, S, Hq, D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import attention_names, text_attention
+
+TRAIN_ATTN = "kvforge_cat_train"
+POLICIES = ("random", "attention", "router")
+
+
+def budget_mask(scores: torch.Tensor, k: int, sink: int) -> torch.Tensor:
+    """(Hkv, s) bool with exactly ``min(k, s)`` slots per head: the first ``sink`` and the top-scoring others."""
+    s = scores.shape[-1]
+    k = min(max(k, min(sink, s)), s)
+    ranked = scores.detach().float().clone()
+    ranked[:, : min(sink, s)] = torch.inf
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, torch.topk(ranked, k=k, dim=1, sorted=False).indices, True)
+    return mask
+
+
+class Router(torch.nn.Module):
+    """One score per (layer, KV head, slot) from the slot's value vector: (Hkv, s, D) -> (Hkv, s)."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(layers, heads, head_dim, generator=g) / head_dim ** 0.5)
+        self.bias = torch.nn.Parameter(torch.full((layers, heads), 2.0))  # sigmoid(2) = 0.88 at the start
+
+    def forward(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        v = values.float()
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return torch.einsum("hsd,hd->hs", v, self.weight[layer]) + self.bias[layer][:, None]
+
+
+class Pass:
+    """One forward's layout and policy; the attention function reads it (None: plain text attention).
+
+    teacher: the dense window only (T rows); records the suffix rows' attention over the prefix per layer
+    student: the window and the suffix copy (T + n rows), the copy's prefix slots chosen by the policy
+    """
+
+    def __init__(self, window: int, split: int, k: int, policy: str, *, teacher: bool, sink: int = 4,
+                 record: list | None = None, router: Router | None = None, generator: torch.Generator | None = None):
+        self.T, self.s, self.k, self.policy, self.teacher, self.sink = window, split, k, policy, teacher, sink
+        self.record = record  # teacher: filled with (Hkv, s) per layer; student "attention": read
+        self.router, self.generator = router, generator
+        self.masks: list[torch.Tensor] = []  # student: the (Hkv, s) mask each layer used
+
+    def slots(self, layer: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kept mask (Hkv, s) and the kept slots' bias (Hkv, s) or None, for the copy's rows."""
+        prefix = value[0, :, : self.s]  # (Hkv, s, D)
+        bias = None
+        if self.policy == "random":
+            scores = torch.rand(prefix.shape[:2], generator=self.generator).to(prefix.device)
+        elif self.policy == "attention":
+            scores = self.record[layer]
+        else:
+            scores = self.router(layer, prefix)
+            bias = F.logsigmoid(scores)
+        mask = budget_mask(scores, self.k, self.sink)
+        self.masks.append(mask)
+        return mask, bias
+
+
+_active: Pass | None = None
+
+
+def activate(p: Pass | None) -> None:
+    global _active
+    _active = p
+
+
+def _cat_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """See the module docstring; without an active pass, kvforge's text attention."""
+    p = _active
+    if p is None:
+        return text_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    T, s = p.T, p.s
+    layer = module.layer_idx
+    group = query.shape[1] // key.shape[1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    dense = F.scaled_dot_product_attention(query[:, :, :T], k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale)
+    if p.teacher:
+        logits = torch.matmul(query[:, :, s:T], k[:, :, :T].transpose(-1, -2)).float() * scale  # (1, Hq, n, T)
+        causal = torch.ones(T - s, T, dtype=torch.bool, device=query.device).tril(diagonal=s)
+        probs = torch.softmax(logits.masked_fill(~causal, -torch.inf), dim=-1)
+        p.record.append(probs[0, :, :, :s].sum(dim=1).view(key.shape[1], group, s).sum(dim=1))  # (Hkv, s)
+        return dense.transpose(1, 2).contiguous(), None
+    n = query.shape[2] - T
+    mask, bias = p.slots(layer, value)
+    cols = torch.cat([k[:, :, :s], k[:, :, T:]], dim=2)  # the prefix slots and the copy
+    vals = torch.cat([v[:, :, :s], v[:, :, T:]], dim=2)
+    logits = torch.matmul(query[:, :, T:], cols.transpose(-1, -2)).float() * scale  # (1, Hq, n, s + n)
+    add = torch.zeros(key.shape[1], n, s + n, device=query.device)
+    add[:, :, :s] = torch.where(mask, 0.0 if bias is None else bias, -torch.inf)[:, None, :]
+    add[:, :, s:] = torch.zeros(n, n, device=query.device).masked_fill(
+        ~torch.ones(n, n, dtype=torch.bool, device=query.device).tril(), -torch.inf)
+    logits = logits + add.repeat_interleave(group, dim=0)[None]
+    copy = torch.matmul(torch.softmax(logits, dim=-1).to(vals.dtype), vals)  # (1, Hq, n, D)
+    return torch.cat([dense, copy], dim=2).transpose(1, 2).contiguous(), None
+
+
+def install(model) -> None:
+    """Switch a private model copy to the CAT training attention (text attention when no pass is active)."""
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    attention_names(TRAIN_ATTN, _cat_attention, sdpa_mask, eager_mask)
+    model.set_attn_implementation(TRAIN_ATTN)
+
+
+__all__ = ["POLICIES", "Pass", "Router", "activate", "budget_mask", "install"]

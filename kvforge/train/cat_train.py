@@ -1,0 +1,295 @@
+"""``kvforge train cat``: continued training that makes a model's KV cache compress better (KV-CAT).
+
+Every step takes one document window (``context`` tokens), splits it ``n`` tokens before its end and
+runs (kvforge.train.cat_policy):
+
+- the frozen base model (the LoRA switched off) over the window, dense: its predictions of the ``n``
+  suffix tokens are the teacher, and its attention over the prefix is the ``attention`` policy's score;
+- the model with its LoRA over the window (dense) and a copy of the suffix that sees only the prefix
+  slots the policy keeps (``k = keep * s`` per layer and KV head, the keep drawn log-uniformly from
+  ``keep_range``).
+
+loss = ``kl_weight`` * KL(base, dense || student, sparse) on the suffix copy's predictions
+     + ``ntp_weight`` * next-token cross-entropy of the student's dense pass (``ntp_tokens`` positions)
+
+The first term teaches the model to carry what later tokens need in fewer slots; the second keeps its
+uncompressed behaviour. Only the LoRA matrices (rank-stabilized, on q/k/v/o of every layer) and, for
+the ``router`` policy, the router learn. The result is a CAT model (kvforge.catmodel): the LoRA as a
+weight delta plus the base model's identity, a few MB, loaded with ``--model DIR``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..catmodel import CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir
+from ..containers import atomic_file
+from ..errors import ConfigError, UnsupportedModelError
+from .cat_policy import POLICIES, Pass, Router, activate, install
+from .data import make_windows
+from .runs import (check_run_dir, load_checkpoint, mean_last, nonfinite, plot_losses, save_checkpoint, training_corpus,
+                   write_losses)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class CatConfig:
+    """One run's settings, recorded in the CAT model and checked on resume.
+
+    policy:      random, attention or router (kvforge.train.cat_policy)
+    keep_range:  (lo, hi): each step's keep of the prefix slots, drawn log-uniformly; 0 < lo <= hi <= 1
+    suffix:      (lo, hi): tokens after the split, drawn uniformly (at most half the context)
+    kl_weight, ntp_weight: the two terms of the loss
+    ntp_tokens:  dense positions whose next-token loss is computed (the full-vocabulary head is costly)
+    """
+
+    steps: int = 300
+    context: int = 512
+    policy: str = "router"
+    keep_range: tuple[float, float] = (0.05, 0.5)
+    suffix: tuple[int, int] = (32, 96)
+    lr: float = 3e-4
+    kl_weight: float = 1.0
+    ntp_weight: float = 0.5
+    ntp_tokens: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    sink: int = 4
+    seed: int = 0
+    warmup: int = 10
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        lo, hi = (float(x) for x in self.keep_range)
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"--keep-range {lo},{hi}: need 0 < LO <= HI <= 1 (fractions of the prefix kept)")
+        self.keep_range = (lo, hi)
+        a, b = (int(x) for x in self.suffix)
+        if not (4 <= a <= b):
+            raise ConfigError(f"suffix {a},{b}: need 4 <= LO <= HI tokens after the split")
+        self.suffix = (a, b)
+        if self.context < max(128, 2 * a):
+            raise ConfigError(f"--context {self.context}: use at least {max(128, 2 * a)} tokens")
+        if self.steps < 1 or self.checkpoint_every < 1 or self.rank < 1 or self.ntp_tokens < 1:
+            raise ConfigError("--steps, checkpoint_every, rank and ntp_tokens must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.kl_weight < 0 or self.ntp_weight < 0:
+            raise ConfigError(f"need a positive learning rate and weights >= 0 (lr {self.lr}, "
+                              f"kl {self.kl_weight}, ntp {self.ntp_weight})")
+
+    def draw(self, step: int, windows: int) -> tuple[int, int, float]:
+        """(window index, suffix length, keep) of ``step``: a function of the seed and the step."""
+        rng = random.Random(f"cat:{self.seed}:{step}")
+        lo, hi = self.keep_range
+        keep = math.exp(math.log(lo) + rng.random() * (math.log(hi) - math.log(lo)))
+        return rng.randrange(windows), rng.randint(self.suffix[0], min(self.suffix[1], self.context // 2)), keep
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def resumable(self) -> dict:
+        d = asdict(self)
+        d.pop("steps")
+        d["keep_range"], d["suffix"] = list(self.keep_range), list(self.suffix)
+        return d
+
+
+class CatStudent:
+    """A private copy of the base model with peft LoRA on q/k/v/o of every layer, and the router."""
+
+    def __init__(self, lm, cfg: CatConfig):
+        from peft import LoraConfig, get_peft_model
+
+        attn = lm.model.model.layers[0].self_attn
+        missing = [t for t in TARGETS if not isinstance(getattr(attn, t, None), torch.nn.Linear)]
+        if missing:
+            raise UnsupportedModelError(f"{lm.info.name}: kvforge train cat adapts {list(TARGETS)}, but this "
+                                        f"model's attention has no {missing} (a fused projection such as qkv_proj)")
+        self.lm, self.cfg = lm, cfg
+        base = copy.deepcopy(lm.model)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        self.peft = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=True, lora_dropout=0.0,
+                                                    bias="none", target_modules=list(TARGETS)))
+        self.model = self.peft.base_model.model
+        self.peft.train(False)
+        install(self.model)
+        i = lm.info
+        self.router = Router(i.num_layers, i.num_kv_heads, i.head_dim, seed=cfg.seed).to(lm.device)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    @property
+    def scale(self) -> float:
+        return self.cfg.alpha / math.sqrt(self.cfg.rank)  # rank-stabilized LoRA
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        lora = [p for n, p in self.peft.named_parameters() if "lora_" in n]
+        return lora + (list(self.router.parameters()) if self.cfg.policy == "router" else [])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {**{f"lora.{k}": v.detach().cpu() for k, v in get_peft_model_state_dict(self.peft).items()},
+                **{f"router.{k}": v.detach().cpu() for k, v in self.router.state_dict().items()}}
+
+    def load_state(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        self.router.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("router.")})
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """``NAME.A`` (r, in) and ``NAME.B`` (out, r) per adapted linear, NAME relative to the CausalLM."""
+        out = {}
+        for name, module in self.model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
+                out[f"{name}.A"] = lora_a["default"].weight.detach().float().cpu().contiguous()
+                out[f"{name}.B"] = module.lora_B["default"].weight.detach().float().cpu().contiguous()
+        return out
+
+
+def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int) -> tuple[torch.Tensor, dict]:
+    """One window's loss: (loss with its graph, its parts as floats)."""
+    cfg, model = st.cfg, st.model
+    T = len(ids)
+    s = T - n
+    k = max(cfg.sink, round(keep * s))
+    device = next(model.parameters()).device
+    window = torch.tensor([ids], device=device)
+    record: list = []
+    with torch.no_grad(), st.peft.disable_adapter():
+        activate(Pass(T, s, k, cfg.policy, teacher=True, record=record))
+        try:
+            hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
+        finally:
+            activate(None)
+        teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, record=record, router=st.router, generator=g)
+    positions = torch.arange(T + n, device=device)
+    positions[T:] = torch.arange(s, T, device=device)
+    activate(sparse)
+    try:
+        hidden = model.model(input_ids=torch.cat([window, window[:, s:]], dim=1), position_ids=positions[None],
+                             use_cache=False).last_hidden_state[0]
+    finally:
+        activate(None)
+    student = torch.log_softmax(model.lm_head(hidden[T:T + n - 1]).float(), dim=-1)  # the copy's predictions
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    rows = torch.randperm(T - 1, generator=g)[: cfg.ntp_tokens].sort().values.to(device)
+    ntp = F.cross_entropy(model.lm_head(hidden[rows]).float(), window[0, rows + 1])
+    loss = cfg.kl_weight * kl + cfg.ntp_weight * ntp
+    kept = sum(int(m.sum()) for m in sparse.masks) / max(1, len(sparse.masks) * sparse.masks[0].shape[0] * s)
+    return loss, {"loss": float(loss.detach()), "kl": float(kl.detach()), "ntp": float(ntp.detach()),
+                  "keep": round(keep, 4), "kept": round(kept, 4), "split": s}
+
+
+def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool = True, device: str | None = None,
+              compute_dtype: str | None = None, **settings) -> dict:
+    """Train a CAT model on ``sources`` into the directory ``out``; returns the run's record.
+
+    ``settings`` are :class:`CatConfig` fields. Bad input raises KvforgeError before the first step; a
+    loss that is not finite raises TrainingError at its step (the last good checkpoint is kept).
+    """
+    from ..model import load_model
+
+    cfg = CatConfig(**settings)
+    out = Path(out)
+    lm = load_model(model, device=device, compute_dtype=compute_dtype)
+    if lm.info.source == EMBEDDED_CAT or is_cat_dir(Path(lm.info.source)):
+        raise ConfigError(f"--model {lm.info.source}: train cat continues a plain model; pass its base model instead")
+    texts, corpus_sha = training_corpus(sources)
+    windows, short = make_windows(lm, texts, cfg.context)
+    checkpoint = check_run_dir(out, resume, CAT_FILE, "CAT model")
+    prefix = lm.encode_document("")
+    st = CatStudent(lm, cfg)
+    params = st.parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, history = 0, []
+    if resume:
+        state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha)
+        st.load_state(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"cat ({cfg.policy})", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    saved_step = start if resume else None
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        index, n, keep = cfg.draw(step, len(windows))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = step_loss(st, prefix + windows[index].text_ids, n, keep, step)
+        if not torch.isfinite(loss):
+            bar.close()
+            _plot(out, history)
+            raise nonfinite(loss, step, f"window {index}, keep {keep:.3f}", saved_step, checkpoint)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        history.append({"step": step + 1, **{k: round(v, 6) if isinstance(v, float) else v for k, v in parts.items()}})
+        bar.update(1)
+        bar.set_postfix(kl=f"{parts['kl']:.3f}", ntp=f"{parts['ntp']:.2f}", keep=f"{keep:.2f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out, {"step": step + 1, "history": history, "weights": st.state(),
+                                  "optimizer": optimizer.state_dict(), "settings": cfg.resumable(),
+                                  "corpus_sha256": corpus_sha})
+            saved_step = step + 1
+    bar.close()
+    record = {"settings": cfg.resumable() | {"steps": cfg.steps}, "corpus_sha256": corpus_sha, "documents": len(texts),
+              "windows": len(windows), "too_short": short, "device": lm.device, "compute_dtype": lm.compute_dtype,
+              "seconds": round(time.perf_counter() - t0, 1), "steps_run": cfg.steps - start,
+              "final_loss": mean_last(history, "loss"), "final_kl": mean_last(history, "kl"),
+              "final_ntp": mean_last(history, "ntp")}
+    if cfg.steps > start:
+        record["seconds_per_step"] = round(record["seconds"] / (cfg.steps - start), 3)
+    digest = save_cat(out, st, lm, record)
+    write_losses(out, history)
+    _plot(out, history)
+    return {"model": str(out), "delta_sha256": digest, **record}
+
+
+def save_cat(out: Path, st: CatStudent, lm, record: dict) -> str:
+    """Write ``delta.safetensors`` then ``kvforge-cat.json`` (the file a loader looks for), each atomically."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / DELTA_FILE) as fh:
+        fh.write(save(st.delta()))
+    i = lm.info
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": f"{i.name}-cat",
+            "base": {"spec": i.source, "name": i.name, "weights_sha256": i.weights_sha256,
+                     "tokenizer_sha256": i.tokenizer_sha256, "architecture": i.architecture},
+            "delta": {"file": DELTA_FILE, "sha256": delta_sha256(out), "scale": st.scale, "rank": st.cfg.rank,
+                      "targets": list(TARGETS)},
+            "training": record}
+    with atomic_file(out / CAT_FILE) as fh:
+        fh.write((json.dumps(meta, indent=2) + "\n").encode())
+    return meta["delta"]["sha256"]
+
+
+def _plot(out: Path, history: list) -> None:
+    plot_losses(out, history, ("loss", "kl", "ntp"), "kvforge train cat")
+
+
+__all__ = ["CatConfig", "CatStudent", "step_loss", "train_cat"]

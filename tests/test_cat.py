@@ -1,0 +1,259 @@
+"""kvforge train cat and CAT models, on the tiny model (real optimizer, real peft, real builds and queries)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="kvforge train needs peft: pip install 'kvforge[train]'")
+
+from conftest import write_training_corpus  # noqa: E402
+from kvforge.errors import ConfigError, IncompatibleModelError, InputError, TrainingError
+from kvforge.train import cat
+from kvforge.train.cat_train import CatConfig, CatStudent, step_loss
+from kvforge.train.cat_policy import Pass, activate, budget_mask
+from kvforge.train.data import make_windows
+
+ARGS = dict(steps=3, context=128, checkpoint_every=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_training_corpus(tmp_path_factory.mktemp("cat") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def cat_model(tiny_llama, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cat-model") / "model"
+    cat([str(corpus)], out, model=str(tiny_llama), steps=6, context=128, lr=3e-3, progress=False)
+    return out
+
+
+def _windows(lm, corpus, context=128):
+    windows, _ = make_windows(lm, [(p.name, p.read_text()) for p in sorted(corpus.iterdir())], context)
+    return [lm.encode_document("") + w.text_ids for w in windows]
+
+
+def test_budget_mask_keeps_exactly_k_per_head_with_the_sink():
+    g = torch.Generator().manual_seed(0)
+    for k in (4, 9, 40, 100):
+        scores = torch.randn(3, 40, generator=g)
+        mask = budget_mask(scores, k, sink=4)
+        assert mask.sum(dim=1).tolist() == [min(k, 40)] * 3 and bool(mask[:, :4].all())
+        free = scores.masked_fill(mask, -torch.inf)[:, 4:].amax(dim=1)  # every dropped slot scores below the kept
+        kept = scores.masked_fill(~mask, torch.inf)[:, 4:].amin(dim=1)
+        assert bool((free <= kept).all()) or k >= 40
+
+
+@pytest.mark.parametrize("policy", ["random", "attention", "router"])
+def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama, corpus, policy):
+    from kvforge.model import load_model
+
+    lm = load_model(tiny_llama)
+    st = CatStudent(lm, CatConfig(policy=policy, context=128))
+    ids = _windows(lm, corpus)[0]
+    T, n, k = len(ids), 32, 21
+    record: list = []
+    with torch.no_grad(), st.peft.disable_adapter():
+        activate(Pass(T, T - n, k, policy, teacher=True, record=record))
+        try:
+            st.model.model(input_ids=torch.tensor([ids]), use_cache=False)
+        finally:
+            activate(None)
+    sparse = Pass(T, T - n, k, policy, teacher=False, record=record, router=st.router,
+                  generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(T), torch.arange(T - n, T)])[None]
+    activate(sparse)
+    try:
+        with torch.no_grad():
+            st.model.model(input_ids=torch.tensor([ids + ids[T - n:]]), position_ids=positions, use_cache=False)
+    finally:
+        activate(None)
+    L, H = lm.info.num_layers, lm.info.num_kv_heads
+    assert len(sparse.masks) == L and len(record) == L
+    for mask in sparse.masks:
+        assert tuple(mask.shape) == (H, T - n) and mask.sum(dim=1).tolist() == [k] * H
+    if policy == "attention":  # the slots the dense suffix attended to most
+        for layer in range(L):
+            top = record[layer][:, 4:].topk(k - 4, dim=1).indices + 4
+            assert bool(sparse.masks[layer].gather(1, top).all())
+
+
+def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corpus):
+    """With every prefix slot kept (and no bias), the suffix copy is the dense suffix: KL 0 at the start."""
+    from kvforge.model import load_model
+
+    lm = load_model(tiny_llama)
+    st = CatStudent(lm, CatConfig(policy="random", context=128))
+    ids = _windows(lm, corpus)[1]
+    with torch.no_grad():
+        _, parts = step_loss(st, ids, 32, 1.0, step=0)
+    assert parts["kl"] < 1e-5 and parts["kept"] == 1.0
+    with torch.no_grad():
+        _, sparse = step_loss(st, ids, 32, 0.1, step=0)
+    assert sparse["kl"] > 100 * max(parts["kl"], 1e-9)
+
+
+@pytest.mark.parametrize("policy, ntp_weight", [("attention", 0.0), ("router", 0.5)])
+def test_training_lowers_the_loss_on_a_fixed_window(tiny_llama, tmp_path, policy, ntp_weight):
+    """One short document (two windows), one keep, one split: the loss the run optimizes goes down on it.
+    Without the next-token term that is the KL itself; with it, the random model's next-token loss
+    dominates (about log V) and the total is what falls."""
+    import pydoc_data.topics as topics
+
+    from kvforge.model import load_model
+
+    corpus = tmp_path / "one"
+    corpus.mkdir()
+    (corpus / "assert.txt").write_text(topics.topics["assert"][:700])
+    lm = load_model(tiny_llama)
+    settings = dict(policy=policy, context=128, ntp_weight=ntp_weight, keep_range=(0.2, 0.2), suffix=(32, 32))
+    run = tmp_path / "run"
+    cat([str(corpus)], run, model=str(tiny_llama), steps=20, lr=3e-3, checkpoint_every=20, progress=False, **settings)
+    cfg = CatConfig(steps=20, **settings)
+    window = _windows(lm, corpus)[0]
+
+    def held(state):
+        st = CatStudent(lm, cfg)
+        if state is not None:
+            st.load_state(state)
+        with torch.no_grad():
+            return step_loss(st, window, 32, 0.2, step=0)[1]
+
+    before, after = held(None), held(torch.load(run / "checkpoint.pt", weights_only=False)["weights"])
+    assert after["loss"] < (0.5 if ntp_weight == 0 else 0.97) * before["loss"], (before, after)
+    record = json.loads((run / "kvforge-cat.json").read_text())["training"]
+    assert record["steps_run"] == 20 and record["final_ntp"] is not None
+    assert (run / "loss.png").stat().st_size > 1000 and len((run / "losses.jsonl").read_text().splitlines()) == 20
+
+
+def test_the_cat_model_loads_as_the_merged_student_and_has_its_own_identity(tiny_llama, cat_model):
+    from kvforge.model import load_model
+
+    base, merged = load_model(tiny_llama), load_model(cat_model)
+    assert merged.info.weights_sha256 != base.info.weights_sha256
+    assert merged.info.tokenizer_sha256 == base.info.tokenizer_sha256 and merged.info.source == str(cat_model)
+    assert merged.model is not base.model  # the base model the process holds is unchanged
+    # the merged weights are the trained student's: same logits as peft's LoRA forward, adapter on
+    state = torch.load(cat_model / "checkpoint.pt", weights_only=False)["weights"]
+    st = CatStudent(base, CatConfig(context=128))
+    st.load_state(state)
+    ids = torch.tensor([base.encode_document("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        want = st.model(input_ids=ids).logits
+        got = merged.model(input_ids=ids).logits
+        plain = base.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_cat_artifacts_answer_with_the_cat_model_and_are_refused_by_the_base(tiny_llama, cat_model, docs, tmp_path):
+    import kvforge
+
+    for model, other in ((cat_model, tiny_llama), (tiny_llama, cat_model)):
+        out = tmp_path / Path(model).name
+        kvforge.build([docs], out, method="compactor", keep=0.25, model=model, progress=False)
+        doc = kvforge.load(out / "assert.kv")  # the artifact's own model, found from its source
+        assert isinstance(doc.answer("What does assert do?", max_new_tokens=4), str)
+        with pytest.raises(IncompatibleModelError, match="differing fields"):
+            kvforge.load(out / "assert.kv", model=other)
+
+
+def test_a_killed_run_resumes_into_the_same_model(tiny_llama, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    args = dict(model=str(tiny_llama), steps=40, context=128, checkpoint_every=4, progress=False)
+    whole = tmp_path / "whole"
+    cat([str(corpus)], whole, **args)
+    killed = tmp_path / "killed"
+    code = f"from kvforge.train import cat\ncat([{str(corpus)!r}], {str(killed)!r}, **{args!r})\n"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint.pt").exists()
+    if (killed / "kvforge-cat.json").exists():
+        pytest.skip("the run finished before it could be killed")  # not a failure of resume
+    with pytest.raises(ConfigError, match="--resume"):
+        cat([str(corpus)], killed, **args)
+    cat([str(corpus)], killed, resume=True, **args)
+    a, b = load_file(str(whole / "delta.safetensors")), load_file(str(killed / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(TrainingError, match="other settings"):
+        cat([str(corpus)], killed, resume=True, **(args | {"context": 160}))
+
+
+def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no .txt/.md documents"):
+        cat([str(empty)], tmp_path / "a", model=str(tiny_llama), **ARGS)
+    for bad in ({"policy": "oracle"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)}, {"keep_range": (0.5, 0.2)}):
+        with pytest.raises(ConfigError):
+            cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), **(ARGS | bad))
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "a.txt").write_text("too short to train on")
+    with pytest.raises(InputError, match="context"):
+        cat([str(short)], tmp_path / "c", model=str(tiny_llama), **ARGS)
+    assert not any((tmp_path / x).exists() for x in "abc")  # nothing written
+
+
+def test_a_loss_that_becomes_nan_stops_at_that_step_and_keeps_the_checkpoint(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="the loss became") as info:
+        cat([str(corpus)], out, model=str(tiny_llama), steps=50, context=128, lr=1e30, warmup=1, checkpoint_every=1,
+            progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["weights"].values())
+    assert f"step {state['step']}" in str(info.value)
+    assert not (out / "kvforge-cat.json").exists()  # no model from a broken run
+
+
+def test_a_cat_model_refuses_a_base_whose_weights_changed(tiny_llama, other_llama, cat_model, tmp_path):
+    import shutil
+
+    from kvforge.model import load_model
+
+    moved = tmp_path / "cat"
+    shutil.copytree(cat_model, moved)
+    meta = json.loads((moved / "kvforge-cat.json").read_text())
+    meta["base"]["spec"] = str(other_llama)  # same shape, other weights
+    (moved / "kvforge-cat.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleModelError, match="retrain"):
+        load_model(moved)
+    with pytest.raises(ConfigError, match="plain model"):
+        cat(["x"], tmp_path / "y", model=str(cat_model), **ARGS)
+
+
+def test_the_runtime_loads_a_cat_model_without_peft_or_the_training_side(cat_model):
+    code = (f"import sys, kvforge.runtime\nfrom kvforge.model import load_model\nload_model({str(cat_model)!r})\n"
+            "print(' '.join(sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert [m for m in loaded if m == "peft" or m.startswith(("peft.", "kvforge.train"))] == []
+
+
+def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from kvforge.cli import cli
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(out), "--model", str(tiny_llama),
+                                      "--steps", "2", "--context", "128", "--policy", "random", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["steps_run"] == 2
+    assert json.loads((out / "kvforge-cat.json").read_text())["training"]["settings"]["policy"] == "random"
+    bad = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",
+                                   str(tiny_llama), "--policy", "oracle"])
+    assert bad.exit_code == 2 and "oracle" in bad.output

@@ -112,6 +112,27 @@ def write_training_corpus(folder: Path, n: int = 6, chars: int = 3000) -> Path:
     return folder
 
 
+def kill_at_first_checkpoint(train: str, corpus: Path, out: Path, args: dict, done_file: str) -> None:
+    """Run ``kvforge.train.<train>(corpus, out, **args)`` in a child process and SIGKILL it as soon as its first
+    checkpoint exists (skips the test when the run finished first: nothing to resume then)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = f"from kvforge.train import {train}\n{train}([{str(corpus)!r}], {str(out)!r}, **{args!r})\n"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint.pt").exists()
+    if (out / done_file).exists():
+        pytest.skip("the run finished before it could be killed")  # not a failure of resume
+
+
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory, tiny_llama) -> Path:
     """A distill adapter for tiny_llama, trained a few real steps."""

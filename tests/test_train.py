@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 
 pytest.importorskip("peft", reason="kvforge train needs peft: pip install 'kvforge[train]'")
 
-from conftest import write_training_corpus  # noqa: E402
+from conftest import kill_at_first_checkpoint, write_training_corpus  # noqa: E402
 from kvforge.errors import ConfigError, IncompatibleModelError, InputError, KvforgeError, TrainingError
 from kvforge.train import distill
 from kvforge.train.adapter import load_adapter
@@ -63,18 +60,7 @@ def test_a_killed_run_resumes_into_the_same_adapter(tiny_llama, corpus, tmp_path
     whole = tmp_path / "whole"
     distill([str(corpus)], whole, **args)
     killed = tmp_path / "killed"
-    code = (f"from kvforge.train import distill\n"
-            f"distill([{str(corpus)!r}], {str(killed)!r}, **{args!r})\n")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    deadline = time.time() + 240
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (killed / "checkpoint.pt").exists()
-    if (killed / "kvforge-distill.json").exists():
-        pytest.skip("the run finished before it could be killed")  # not a failure of resume
+    kill_at_first_checkpoint("distill", corpus, killed, args, "kvforge-distill.json")
     with pytest.raises(ConfigError, match="--resume"):
         distill([str(corpus)], killed, **args)
     distill([str(corpus)], killed, resume=True, **args)

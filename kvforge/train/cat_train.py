@@ -36,8 +36,8 @@ from ..containers import atomic_file
 from ..errors import ConfigError, UnsupportedModelError
 from .cat_policy import POLICIES, Pass, Router, activate, install
 from .data import make_windows
-from .runs import (check_run_dir, load_checkpoint, mean_last, nonfinite, plot_losses, save_checkpoint, training_corpus,
-                   write_losses)
+from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
+                   training_corpus, warmup_cosine, write_losses)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -92,14 +92,11 @@ class CatConfig:
         """(window index, suffix length, keep) of ``step``: a function of the seed and the step."""
         rng = random.Random(f"cat:{self.seed}:{step}")
         lo, hi = self.keep_range
-        keep = math.exp(math.log(lo) + rng.random() * (math.log(hi) - math.log(lo)))
+        keep = log_uniform(rng.random(), lo, hi)
         return rng.randrange(windows), rng.randint(self.suffix[0], min(self.suffix[1], self.context // 2)), keep
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return warmup_cosine(step, self.lr, self.warmup, self.steps)
 
     def resumable(self) -> dict:
         d = asdict(self)

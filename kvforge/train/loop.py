@@ -24,8 +24,8 @@ import torch
 from ..errors import ConfigError
 from .adapter import CONFIG_FILE, DistillModel, default_config, load_adapter, read_meta
 from .data import ExampleMaker, make_windows, parse_mix
-from .runs import (check_run_dir, load_checkpoint, mean_last, nonfinite, plot_losses, save_checkpoint, training_corpus,
-                   write_losses)
+from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
+                   training_corpus, warmup_cosine, write_losses)
 from .student import install, student_loss, teacher_pass
 
 
@@ -72,14 +72,10 @@ class TrainConfig:
 
     def keep_at(self, step: int) -> float:
         lo, hi = self.keep_range
-        u = random.Random(f"keep:{self.seed}:{step}").random()
-        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+        return log_uniform(random.Random(f"keep:{self.seed}:{step}").random(), lo, hi)
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return warmup_cosine(step, self.lr, self.warmup, self.steps)
 
     def resumable(self) -> dict:
         """What a resumed run must share with the checkpoint (steps may grow)."""

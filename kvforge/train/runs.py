@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +19,19 @@ from ..corpus import load_corpus
 from ..errors import ConfigError, TrainingError
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int) -> float:
+    """The learning rate at ``step``: a linear warm-up, then a cosine decay to a tenth of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def log_uniform(u: float, lo: float, hi: float) -> float:
+    """``u`` in [0, 1) mapped log-uniformly onto [lo, hi] (a keep drawn so that small keeps get their share)."""
+    return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
 
 
 def training_corpus(sources) -> tuple[list[tuple[str, str]], str]:

@@ -1,0 +1,43 @@
+"""Train a CAT model on the eval's text sources (the shipped one: the tuning split's two Python sources).
+
+    python benchmarks/train_cat.py -o kvforge/adapters/cat-smollm2 --steps 300 --policy router
+
+Writes the sources' passages as .txt files (``--corpus-out`` keeps them; benchmarks/train_distill.py's
+corpus writer, so both learned models see the same text) and runs ``kvforge.train.cat`` over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from train_distill import write_corpus
+
+from kvforge.train import cat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", default="python-reference,python-docstrings")
+    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--corpus", default=None, help="train on this folder instead of writing the sources' passages")
+    ap.add_argument("--max-passages", type=int, default=0, help="at most this many passages per source (seeded)")
+    ap.add_argument("--policy", default="router", choices=["random", "attention", "router"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.corpus or tmp)
+        if args.corpus is None:
+            print(f"{write_corpus(args.sources.split(','), folder, max_passages=args.max_passages)} passages in {folder}")
+        report = cat([str(folder)], args.out, steps=args.steps, context=args.context, policy=args.policy,
+                     resume=args.resume, seed=args.seed)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

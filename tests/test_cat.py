@@ -244,3 +244,27 @@ def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
     bad = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",
                                    str(tiny_llama), "--policy", "oracle"])
     assert bad.exit_code == 2 and "oracle" in bad.output
+
+
+@pytest.mark.real
+def test_the_shipped_cat_model_builds_and_answers_and_is_kept_apart_from_the_base(tmp_path):
+    from click.testing import CliRunner
+
+    from kvforge.catmodel import shipped_cat_dir
+    from kvforge.cli import cli
+    from kvforge.model import load_model
+
+    assert sum(f.stat().st_size for f in shipped_cat_dir().iterdir()) < 8 * 2**20  # a few MB inside the package
+    base, merged = load_model("embedded"), load_model("embedded-cat")
+    assert merged.info.weights_sha256 != base.info.weights_sha256 and merged.info.source == "embedded-cat"
+    examples = Path(__file__).parent.parent / "examples" / "corpus"
+    out = tmp_path / "lib"
+    built = CliRunner().invoke(cli, ["build", str(examples / "for-statement.txt"), "-o", str(out), "--model",
+                                     "embedded-cat", "--keep", "0.1", "--no-progress", "--json"])
+    assert built.exit_code == 0, built.output
+    asked = CliRunner().invoke(cli, ["query", str(out / "for-statement.kv"), "What does a for statement iterate over?",
+                                     "--max-new-tokens", "16", "--json"])  # the artifact's own model: embedded-cat
+    assert asked.exit_code == 0, asked.output
+    assert json.loads(asked.output)["answer"].strip()
+    refused = CliRunner().invoke(cli, ["query", str(out / "for-statement.kv"), "What?", "--model", "embedded"])
+    assert refused.exit_code != 0 and "differing fields" in refused.output

@@ -23,11 +23,11 @@ import torch
 from . import artifact as _artifact
 from . import library as _library
 from .attention import RaggedCache
+from .catmodel import EMBEDDED_CAT
 from .decoder import Answer, AnswerStats, Decoder  # noqa: F401  (AnswerStats: re-exported)
 from .doccache import DocumentCache
 from .errors import IncompatibleModelError, KvforgeError, ModelNotFoundError
 from .manifest import make_manifest
-from .catmodel import EMBEDDED_CAT
 from .model import EMBEDDED, LoadedModel, Template, load_model
 from .ragged import CompressedKV
 

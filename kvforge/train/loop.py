@@ -29,7 +29,6 @@ from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfi
 from .student import install, student_loss, teacher_pass
 
 
-
 @dataclass
 class TrainConfig:
     """One run's settings; all of them are recorded in the adapter and checked on resume.

@@ -40,8 +40,8 @@ BUILDS = [
     ("knorm-0.25-int8", ["--method", "knorm", "--keep", "0.25", "--quant", "int8"]),
     ("compactor-0.25-int4", ["--method", "compactor", "--keep", "0.25", "--quant", "int4"]),
     ("select_fit-0.3-pilot", ["--method", "select_fit", "--keep", "0.3", "--allocate", "pilot"]),
-    ("sculpt-0.3", ["--method", "sculpt:steps=4", "--keep", "0.3", "--dtype", "float32"]),
-    ("sculpt-0.2-pilot-bf16", ["--method", "sculpt:steps=4", "--keep", "0.2", "--allocate", "pilot",
+    ("sculpt-0.3", ["--method", "sculpt:init=select_fit:grad=0:steps=4", "--keep", "0.3", "--dtype", "float32"]),
+    ("sculpt-0.2-pilot-bf16", ["--method", "sculpt:init=select_fit:grad=0:steps=4", "--keep", "0.2", "--allocate", "pilot",
                                "--dtype", "bfloat16"]),
     ("lib.zarr", ["--method", "compactor", "--keep", "0.5", "--quant", "int8"]),
 ]

@@ -72,7 +72,7 @@ def convergence(lm, ids: list[int], keep: float) -> list[float]:
     ctx = CompressionContext(model=lm, seed=0)
     curve = []
     for steps in STEPS:
-        m = get_method("sculpt", steps=steps)
+        m = get_method("sculpt", init="select_fit", steps=steps)
         prepared = m.prepare(kv, ctx)
         curve.append(fit_objective(kv, prepared(Budget(keep)), prepared.reference))
     return curve

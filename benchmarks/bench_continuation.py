@@ -97,7 +97,7 @@ def make(spec: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
-    ap.add_argument("--methods", default="select_fit;sculpt:surprisal=0;sculpt",
+    ap.add_argument("--methods", default="select_fit;sculpt:init=select_fit:surprisal=0;sculpt:init=select_fit",
                     help="specs separated by ';' (also oracle:mean and oracle:max, above)")
     ap.add_argument("--keep", type=float, default=0.3)
     ap.add_argument("--tasks", default="niah_number,niah_word,niah_uuid,niah_multikey,niah_multivalue")

@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out", help="result folder (default bench-out, untracked)")
     ap.add_argument("--lengths", default="512,1024,2048,4096")
-    ap.add_argument("--methods", default="select_fit;sculpt", help="method specs separated by ';'")
+    ap.add_argument("--methods", default="select_fit;sculpt:init=select_fit", help="method specs separated by ';'")
     ap.add_argument("--keeps", default="0.5,0.1")
     ap.add_argument("--pilot", action="store_true", help="also time pilot allocation")
     ap.add_argument("--unshared", action="store_true",

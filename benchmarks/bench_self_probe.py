@@ -64,7 +64,7 @@ def main() -> None:
     lm = load_model()
     for module in (fit, select_fit, sculpt, budget):
         module.reference = reference_from_bank
-    method = get_method("sculpt", surprisal=0.0)
+    method = get_method("sculpt", init="select_fit", surprisal=0.0)
     prompt = lm.encode_question("Repeat the document above, word for word.")
     start = len(lm.encode_document(""))
     rows = []

@@ -42,13 +42,13 @@ def test_refit_lowers_the_output_error_of_the_same_selection():
 
 def test_sculpt_lowers_the_error_of_its_start_and_carries_beta():
     kv = structured_kv()
-    start = get_method("sculpt", steps=0, samples=96, position="own").compress(kv, Budget(0.2), CTX)
+    start = get_method("sculpt", init="select_fit", steps=0, samples=96, position="own").compress(kv, Budget(0.2), CTX)
     for keys in (False, True):
-        sculpt = get_method("sculpt", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
+        sculpt = get_method("sculpt", init="select_fit", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
         assert sculpt.beta is not None and torch.equal(start.lengths, sculpt.lengths)
         assert _error(kv, sculpt) < _error(kv, start)
         assert all(torch.equal(a, b) for a, b in zip(sculpt.keys, start.keys)) != keys  # keys move only if asked
-        again = get_method("sculpt", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
+        again = get_method("sculpt", init="select_fit", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
         assert all(torch.equal(a, b) for a, b in zip(sculpt.values, again.values))  # deterministic
 
 
@@ -147,7 +147,7 @@ def test_numerical_robustness(name, case):
     elif case == "fp16":
         kv = KV(keys=kv.keys.half(), values=kv.values.half(), queries=kv.queries, keys_pre_rope=kv.keys_pre_rope.half(),
                 surprisal=kv.surprisal.half())
-    config = {"steps": 6, "samples": 48, "position": "own"} if name == "sculpt" else {"samples": 48}
+    config = {"init": "select_fit", "steps": 6, "samples": 48, "position": "own"} if name == "sculpt" else {"samples": 48}
     out = get_method(name, **config).compress(kv, Budget(keep), CTX)
     for layer in range(len(out.keys)):
         for t in (out.keys[layer], out.values[layer]) + ((out.beta[layer],) if out.beta is not None else ()):
@@ -216,7 +216,7 @@ def test_build_sculpt_with_pilot_allocation_end_to_end(tmp_path, docs, tiny_llam
     import kvforge
     from kvforge import artifact
 
-    report = kvforge.build(docs, tmp_path / "lib", method="sculpt", keep=0.25, allocate="pilot",
+    report = kvforge.build(docs, tmp_path / "lib", method="sculpt:init=select_fit", keep=0.25, allocate="pilot",
                            model=str(tiny_llama), progress=False)
     assert sorted(report.built) == ["assert", "del", "pass"]
     art = artifact.read(tmp_path / "lib" / "assert.kv")
@@ -322,8 +322,9 @@ def test_select_fit_and_sculpt_keep_a_surprising_span_with_the_prior():
     surprisal[50:53] = 12.0  # a three-token "number" the document's own queries do not look at
     kv.surprisal = surprisal
     for name in ("select_fit", "sculpt"):
-        plain = get_method(name, samples=96, position="own", surprisal=0.0)
-        prior = get_method(name, samples=96, position="own", surprisal=2.0)
+        init = {"init": "select_fit"} if name == "sculpt" else {}
+        plain = get_method(name, samples=96, position="own", surprisal=0.0, **init)
+        prior = get_method(name, samples=96, position="own", surprisal=2.0, **init)
         assert prior.needs_surprisal and not plain.needs_surprisal
         budget = Budget(0.25)  # 24 entries per head, 12 of them the protected sink and recent tokens
 
@@ -340,7 +341,7 @@ def test_select_fit_and_sculpt_keep_a_surprising_span_with_the_prior():
 
 
 @pytest.mark.parametrize("spec", ["select_fit:samples=64:position=own",
-                                  "sculpt:samples=64:position=own:steps=2:surprisal=0"])
+                                  "sculpt:init=select_fit:samples=64:position=own:steps=2:surprisal=0"])
 def test_pilot_shares_the_prepared_selection_and_reference_with_the_same_result(spec, monkeypatch):
     from kvforge.methods import fit
 

@@ -1,7 +1,7 @@
 """Train a distill adapter on one of the eval's text sources (the shipped adapter: the two Python sources).
 
     python benchmarks/train_distill.py --sources python-reference,python-docstrings \
-        -o kvforge/adapters/distill-smollm2 --steps 500
+        --exclude-eval-samples 3 -o kvforge/adapters/distill-smollm2
 
 Writes the source's passages as .txt files into a temporary corpus (``--corpus-out`` keeps them) and runs
 ``kvforge.train.distill`` over it; ``--holdout N`` leaves out every N-th passage (for a domain's held-out
@@ -63,8 +63,9 @@ def main() -> None:
     ap.add_argument("--max-passages", type=int, default=0, help="at most this many passages per source (seeded)")
     ap.add_argument("--exclude-eval-samples", type=int, default=0,
                     help="leave out the passages of the eval's tasks with this many samples per kind and length")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--context", type=int, default=384)
+    ap.add_argument("--steps", type=int, default=None, help="default: kvforge train distill's")
+    ap.add_argument("--context", type=int, default=None, help="default: kvforge train distill's")
+    ap.add_argument("--targets", type=int, default=None, help="default: kvforge train distill's")
     ap.add_argument("--init", default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -76,8 +77,9 @@ def main() -> None:
         exclude = eval_snippets(names, args.exclude_eval_samples) if args.exclude_eval_samples else None
         n = write_corpus(names, folder, args.holdout, args.max_passages, exclude)
         print(f"{n} passages in {folder}")
-        report = distill([str(folder)], args.out, steps=args.steps, context=args.context, init=args.init,
-                         resume=args.resume, seed=args.seed)
+        settings = {k: v for k, v in dict(steps=args.steps, context=args.context, targets=args.targets).items()
+                    if v is not None}
+        report = distill([str(folder)], args.out, init=args.init, resume=args.resume, seed=args.seed, **settings)
     print(json.dumps(report, indent=2))
 
 

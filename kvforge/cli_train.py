@@ -36,8 +36,13 @@ def train():
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="the adapter directory to write (with checkpoint.pt, losses.jsonl and loss.png)")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
-@click.option("--steps", default=None, type=int, help="optimizer steps, one example each  [default: 600]")
-@click.option("--context", default=None, type=int, help="tokens per training window  [default: 512]")
+@click.option("--steps", default=None, type=int, help="LoRA optimizer steps, one example each  [default: 200]")
+@click.option("--context", default=None, type=int, help="tokens per training window  [default: 1024]")
+@click.option("--scorer", default=None, type=click.Choice(["entry", "token"]),
+              help="entry: a score per layer, KV head and token, fitted to the replay's attribution, one top-k over "
+                   "all entries; token: the paper's one token set for every layer  [default: entry]")
+@click.option("--targets", default=None, type=int,
+              help="windows whose replay attribution the entry scorer is fitted to  [default: 64]")
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.03,0.3]")
 @click.option("--init", default=None, metavar="shipped|DIR", help="start from this adapter (domain fine-tuning)")
@@ -49,18 +54,20 @@ def train():
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def distill(sources, out, model, steps, context, keep_range, init, lr, mix, seed, resume, as_json, no_progress,
-            device, compute_dtype):
-    """Train a KV-Distill adapter (a token scorer + LoRA routed to the kept tokens) on SOURCES.
+def distill(sources, out, model, steps, context, scorer, targets, keep_range, init, lr, mix, seed, resume, as_json,
+            no_progress, device, compute_dtype):
+    """Train a KV-Distill adapter (a scorer + LoRA routed to the kept tokens) on SOURCES.
 
-    Examples are generated from the documents alone: recall probes, facts the text states, planted
-    facts; the dense cache's answers are the teacher. A checkpoint is written every 25 steps: after a
-    kill, rerun with --resume. The default run takes about 30 minutes on 2 CPU cores.
+    First the scorer: the replay's input x gradient attribution of --targets windows (the model repeating
+    the text; cached in OUT) is what it learns to predict from an early layer. Then the LoRA adapter, on
+    examples generated from the documents alone (recall probes, facts the text states, planted facts),
+    the dense cache's answers the teacher. A checkpoint is written every 25 steps: after a kill, rerun
+    with --resume. The default run takes about 30 minutes on 2 CPU cores.
     """
     from .train import distill as run
 
-    settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr, mix=mix).items()
-                if v is not None}
+    settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr, mix=mix,
+                                      scorer=scorer, targets=targets).items() if v is not None}
     if init is not None and resume:
         raise ConfigError("--init and --resume: a resumed run continues from its checkpoint; pass one of them")
     report = run(list(sources), out, model=model, init=init, resume=resume, seed=seed, device=device,

@@ -142,5 +142,5 @@ def tiny_adapter(tmp_path_factory, tiny_llama) -> Path:
     base = tmp_path_factory.mktemp("tiny-adapter")
     out = base / "adapter"
     distill([str(write_training_corpus(base / "corpus"))], out, model=str(tiny_llama), steps=4, context=128,
-            progress=False)
+            targets=6, scorer_epochs=5, progress=False)
     return out

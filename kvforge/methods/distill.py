@@ -3,19 +3,22 @@
 A trained adapter (``kvforge train distill``; the default is the one shipped for the embedded model)
 holds a scorer and LoRA adapters. Building a document:
 
-1. the scorer rates every token from the hidden states entering the adapter's first layer (the base
-   model's own: the layers before it are not adapted);
-2. the document is prefilled again with the adapter routed to the tokens that will be kept (every other
-   token runs on the base weights), so that the kept tokens' keys and values absorb what the dropped ones
-   carried;
-3. every (layer, head) keeps its top tokens by score (sink and recent tokens protected) and each kept entry
-   gets ``beta = log sigmoid(score)``, the attention scaling the adapter was trained with.
+1. the scorer rates the document from the hidden states entering the adapter's first layer (the base
+   model's own: the layers before it are not adapted, and only they run for the scores);
+2. the entries to keep are chosen: with an entry scorer (the default adapter's), one score per (layer,
+   KV head, token), learned from the replay's input x gradient attribution, and one top-k over all the
+   document's entries, so layers and heads keep ragged shares; with a token scorer (the paper's), every
+   (layer, head) keeps the same top tokens;
+3. the document is prefilled again with the adapter routed to the kept tokens (per layer: the tokens
+   some head of it keeps; every other token runs on the base weights), so that the kept tokens' keys and
+   values absorb what the dropped ones carried;
+4. each kept entry gets its ``beta``: with an entry scorer, its head's attention mass lost to the
+   dropped entries, measured with the document's last queries
+   (:func:`kvforge.train.student.mass_beta`); with a token scorer, ``log sigmoid(score)``.
 
-Budgets: a plain keep gives every head the same count (the paper's one token set for all layers);
-``--allocate pilot`` gives heads different counts (each then keeps its top tokens), and the adapter is
-routed to the union. The artifact is an ordinary ragged cache answered by the unmodified model; the
-method's config records the adapter's sha256 and config, and a build refuses an adapter whose sha256
-disagrees with the one asked for.
+Budgets: ``--allocate pilot`` gives heads their counts (each keeps its top entries by score). The
+artifact is an ordinary ragged cache answered by the unmodified model; the method's config records the
+adapter's sha256 and config, and a build refuses an adapter whose sha256 disagrees with the one asked for.
 
 Cost: the scorer's pass (the first ``first_layer`` layers) once per document, one adapted prefill per
 budget; the build calls :meth:`Distill.compress_ids` without a dense prefill when nothing else needs one.
@@ -28,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..prefill import KV
+from ..prefill import KV, prefill
 from ..ragged import CompressedKV
-from .base import Budget, CompressionContext, Compressor, register
+from .base import Budget, CompressionContext, Compressor, gather, register
 
 
 class _Stop(Exception):
@@ -38,7 +41,7 @@ class _Stop(Exception):
 
 
 def _score(dm, ids: list[int]) -> torch.Tensor:
-    """(T,) scores: the base model up to the adapter's first layer (stopped there), then the scorer."""
+    """(T,) or (L, H, T) scores: the base model up to the adapter's first layer (stopped there), then the scorer."""
     store: list = []
 
     def grab(module, args, kwargs):
@@ -57,17 +60,22 @@ def _score(dm, ids: list[int]) -> torch.Tensor:
         return dm.scorer(store[0][0]).float().cpu()
 
 
-def _adapted_prefill(dm, ids: list[int], route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (L, H, T, D) float32 on the CPU of a prefill with the adapter on where ``route`` (T,) is 1."""
-    from transformers import DynamicCache
-
+def _adapted_prefill(dm, ids: list[int], route: torch.Tensor, queries: bool = False) -> KV:
+    """The prefill (keys and values (L, H, T, D) float32 on the CPU; the queries if asked) with the adapter on
+    where ``route`` ((T,) or (L, T)) is 1."""
     device = next(dm.model.parameters()).device
-    cache = DynamicCache(config=dm.model.config)
-    with torch.inference_mode(), dm.routed(route.to(device)) as model:
-        model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    keys = torch.stack([layer.keys[0] for layer in cache.layers]).float().cpu()
-    values = torch.stack([layer.values[0] for layer in cache.layers]).float().cpu()
-    return keys, values
+    with dm.routed(route.to(device)) as model:
+        return prefill(model, ids, queries=queries)
+
+
+def _entry_beta(dm, kv: KV, kept: torch.Tensor) -> torch.Tensor:
+    """(L, H) the mass beta of every head's kept entries, from the document's last queries."""
+    from ..train.student import mass_beta
+
+    scale = float(getattr(dm.model.model.layers[0].self_attn, "scaling", kv.shape[-1] ** -0.5))
+    T, R = kv.shape[2], min(dm.cfg.reference, kv.shape[2])
+    return torch.stack([mass_beta(kv.queries[layer, :, T - R:], kv.keys[layer], kept[layer], scale)
+                        for layer in range(kv.shape[0])])
 
 
 @register
@@ -82,6 +90,13 @@ class Distill(Compressor):
     adapter: str = "shipped"  # "shipped" (the embedded model's) or an adapter directory
     adapter_sha256: str = ""  # filled in from the adapter; a build refuses an adapter that differs
     adapter_config: dict = field(default_factory=dict)  # the adapter's config, recorded beside the method
+    lora: int = 1  # 0: keep the scorer's entries of a base-model prefill (what the LoRA adds, measured)
+    beta: int = 1  # 0: no attention bias on the kept entries
+    refit: int = 0  # 1: the kept values refitted by least squares to the adapted prefill's reference queries
+
+    def __post_init__(self) -> None:
+        if self.lora not in (0, 1) or self.beta not in (0, 1) or self.refit not in (0, 1):
+            raise ValueError("lora, beta and refit must be 0 or 1")
 
     @property
     def keeps_originals(self) -> bool:
@@ -99,14 +114,16 @@ class Distill(Compressor):
 
     def to_dict(self) -> dict:
         if not self.adapter_sha256:
-            from ..train.adapter import AdapterConfig, adapter_sha256, read_meta, resolve_adapter
+            from ..train.adapter import adapter_sha256, read_config, resolve_adapter
 
             path = resolve_adapter(self.adapter)
             self.adapter_sha256 = adapter_sha256(path)
-            self.adapter_config = AdapterConfig.from_dict(read_meta(path)["config"]).to_dict()
+            self.adapter_config = read_config(path).to_dict()
         return super().to_dict()
 
-    def _compressor(self, dm, ids: list[int], scores: torch.Tensor, shape):
+    def _compressor(self, dm, ids: list[int], scores: torch.Tensor, shape, seed: int = 0):
+        if dm.cfg.scorer == "entry":
+            return self._entry_compressor(dm, ids, scores, seed)
         from ..train.student import protected_tokens, select_tokens
 
         L, H, T = shape
@@ -115,7 +132,8 @@ class Distill(Compressor):
         def compress_at(budget: Budget) -> CompressedKV:
             counts = budget.per_head(L, H, T)  # (L, H)
             route = select_tokens(scores, int(counts.max()), cfg.sink, cfg.recent)
-            keys, values = _adapted_prefill(dm, ids, route.float())
+            adapted = _adapted_prefill(dm, ids, route.float())
+            keys, values = adapted.keys, adapted.values
             order = torch.where(route, scores, -torch.inf)  # ranks inside the routed set; protected first
             protected = protected_tokens(T, cfg.sink, cfg.recent)
             order = torch.where(protected, torch.inf, order)
@@ -138,11 +156,36 @@ class Distill(Compressor):
 
         return compress_at
 
+    def _entry_compressor(self, dm, ids: list[int], scores: torch.Tensor, seed: int = 0):
+        from ..train.student import route_of, select_entries, select_per_head
+
+        L, H, T = scores.shape
+        cfg = dm.cfg
+
+        def compress_at(budget: Budget) -> CompressedKV:
+            if budget.head_totals is not None:  # a pilot allocation fixed every head's count
+                kept = select_per_head(scores, budget.per_head(L, H, T), cfg.sink, cfg.recent)
+            else:  # one top-k over all the document's entries
+                kept = select_entries(scores, sum(budget.totals(L, H, T)), cfg.sink, cfg.recent)
+            kv = _adapted_prefill(dm, ids, route_of(kept) * self.lora, queries=bool(self.beta or self.refit))
+            out = gather(kv, kept)
+            if self.refit:  # a head's constant beta cancels inside its kept entries' softmax: fitted without it
+                from .fit import reference
+                from .select_fit import refit_values
+
+                out = refit_values(kv, out, reference(kv, dm.model, 256, "end", seed), 0.1)
+            if self.beta:
+                beta = _entry_beta(dm, kv, kept)  # (L, H)
+                out.beta = [beta[layer].repeat_interleave(out.lengths[layer].long()) for layer in range(L)]
+            return out
+
+        return compress_at
+
     def prepare(self, kv: KV, ctx: CompressionContext):
         if ctx.model is None or kv.input_ids is None:
             raise ValueError("distill needs the model and the document's token ids (a real prefill)")
         dm = self._load(ctx.model)
-        return self._compressor(dm, kv.input_ids, _score(dm, kv.input_ids), kv.shape[:3])
+        return self._compressor(dm, kv.input_ids, _score(dm, kv.input_ids), kv.shape[:3], ctx.seed)
 
     def compress(self, kv: KV, budget: Budget, ctx: CompressionContext) -> CompressedKV:
         return self.prepare(kv, ctx)(budget)
@@ -151,4 +194,4 @@ class Distill(Compressor):
         """Compress a document from its ids alone (no dense prefill): the build's path for a plain keep."""
         dm = self._load(lm)
         L, H = lm.info.num_layers, lm.info.num_kv_heads
-        return self._compressor(dm, ids, _score(dm, ids), (L, H, len(ids)))(budget)
+        return self._compressor(dm, ids, _score(dm, ids), (L, H, len(ids)), ctx.seed)(budget)

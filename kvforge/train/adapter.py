@@ -6,10 +6,20 @@ The adapter is a directory:
     scorer.safetensors                               the scorer: a two-layer MLP over one layer's input hidden states
     kvforge-distill.json                             kvforge's config, the base model's identity, the training record
 
+Two kinds of scorer (``AdapterConfig.scorer``):
+
+token   one score per token, the same tokens kept in every layer and head (the paper's design; format 1's
+        only kind), each kept entry's attention scaled by ``sigmoid(score)`` (``beta = log sigmoid``)
+entry   one score per (layer, KV head, token), distilled from the replay's input x gradient attribution
+        (KVgradPress's signal, which kvforge's held-out split found to keep needles); one top-k over every
+        entry of the document, so layers and heads get ragged shares; each head's kept entries get the
+        attention mass the dropped ones had (``beta``: :func:`kvforge.train.student.mass_beta`)
+
 peft owns the LoRA modules and their files. The routing is kvforge's: a forward hook on every
-``lora_B`` multiplies the LoRA delta by a per-position mask, so that the kept tokens of a document run
-through the adapted projections and every other position (dropped tokens, the question, the answer) through
-the frozen base weights. The adapted model is a private copy: the shared :class:`LoadedModel` is never changed.
+``lora_B`` multiplies the LoRA delta by a per-position mask (per layer with an entry scorer: the tokens
+some head of that layer keeps), so that the kept tokens of a document run through the adapted
+projections and every other position (dropped tokens, the question, the answer) through the frozen base
+weights. The adapted model is a private copy: the shared :class:`LoadedModel` is never changed.
 
 peft is imported in this package only; the runtime never imports it (an artifact built with an adapter is
 an ordinary ragged cache, answered by the base model).
@@ -20,7 +30,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,11 +44,13 @@ from ..containers import atomic_file, canonical_json
 from ..errors import ConfigError, FormatError, IncompatibleModelError, UnsupportedModelError
 
 FORMAT = "kvforge-distill-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the entry scorer and the mass beta (a format 1 adapter reads as scorer="token")
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "kvforge-distill.json"
 SCORER_FILE = "scorer.safetensors"
 SHIPPED = "shipped"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SCORERS = ("token", "entry")
 
 
 def shipped_path() -> Path:
@@ -64,6 +78,9 @@ class AdapterConfig:
                    before it run unchanged, so the dense prefill's keys and values of those layers are reused)
     scorer_hidden: the scorer's inner width
     sink, recent:  the first / last tokens of a document, always kept
+    scorer:        "token" (one score per token) or "entry" (one per layer, KV head and token): module docstring
+    layers, heads: the entry scorer's output shape (the base model's layers and KV heads)
+    reference:     with the entry scorer, the document's last ``reference`` queries measure each head's mass
     base_model:    the identity of the model the adapter was trained on (weights and tokenizer sha256, shape)
     """
 
@@ -74,7 +91,20 @@ class AdapterConfig:
     scorer_hidden: int = 128
     sink: int = 4
     recent: int = 4
+    scorer: str = "entry"
+    layers: int = 0
+    heads: int = 0
+    reference: int = 64
     base_model: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"adapter scorer {self.scorer!r}: one of {', '.join(SCORERS)}")
+
+    @property
+    def outputs(self) -> int:
+        """Scores per token: 1 (token) or layers x heads (entry)."""
+        return self.layers * self.heads if self.scorer == "entry" else 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,9 +112,11 @@ class AdapterConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> "AdapterConfig":
+    def from_dict(d: dict, version: int = FORMAT_VERSION) -> "AdapterConfig":
         d = dict(d)
         d["targets"] = tuple(d.get("targets", TARGETS))
+        if version == 1:  # format 1 had the token scorer only
+            d.setdefault("scorer", "token")
         return AdapterConfig(**d)
 
 
@@ -97,7 +129,9 @@ def model_identity(lm) -> dict:
 
 def default_config(lm, **overrides) -> AdapterConfig:
     """The default adapter for ``lm``: the scorer at a fifth of the depth (layer 6 of 30; the paper: 6 of 32)."""
-    cfg = AdapterConfig(first_layer=max(1, round(lm.info.num_layers / 5)), base_model=model_identity(lm), **overrides)
+    overrides.setdefault("scorer_hidden", 256 if overrides.get("scorer", "entry") == "entry" else 128)
+    cfg = AdapterConfig(first_layer=max(1, round(lm.info.num_layers / 5)), layers=lm.info.num_layers,
+                        heads=lm.info.num_kv_heads, base_model=model_identity(lm), **overrides)
     check_config(cfg, lm)
     return cfg
 
@@ -107,6 +141,10 @@ def check_config(cfg: AdapterConfig, lm) -> None:
         raise ConfigError(f"adapter rank and scorer width must be >= 1, got {cfg.rank} and {cfg.scorer_hidden}")
     if not 0 < cfg.first_layer < lm.info.num_layers:
         raise ConfigError(f"first adapted layer {cfg.first_layer} is outside 1..{lm.info.num_layers - 1}")
+    if cfg.scorer == "entry" and (cfg.layers, cfg.heads) != (lm.info.num_layers, lm.info.num_kv_heads):
+        raise IncompatibleModelError(
+            f"the adapter scores {cfg.layers} layers x {cfg.heads} KV heads, but {lm.info.name} has "
+            f"{lm.info.num_layers} x {lm.info.num_kv_heads}; train an adapter for this model")
     attn = lm.model.model.layers[0].self_attn
     missing = [t for t in cfg.targets if not isinstance(getattr(attn, t, None), torch.nn.Linear)]
     if missing:
@@ -115,25 +153,47 @@ def check_config(cfg: AdapterConfig, lm) -> None:
             f"attention has no {missing} (a fused projection such as qkv_proj); use a training-free method")
 
 
+POSITION_FEATURES = 4
+
+
+def position_features(T: int, device=None) -> torch.Tensor:
+    """(T, 4): relative depth, log distance from the start and from the end (scaled by log T), and 1."""
+    t = torch.arange(T, dtype=torch.float32, device=device)
+    log_t = math.log(max(T, 2))
+    return torch.stack([t / T, torch.log1p(t) / log_t, torch.log1p(T - 1 - t) / log_t, torch.ones_like(t)], dim=-1)
+
+
 class Scorer(torch.nn.Module):
-    """One score per token from the hidden states entering ``first_layer``: (T, d) -> (T,).
+    """Scores from the hidden states entering ``first_layer``: (T, d) -> (T,) (token) or (L, H, T) (entry).
 
-    The input is RMS-normalized (the residual stream's scale grows with depth); the output bias starts
-    at +2, so that sigmoid(score), the weight a kept entry's attention is scaled by, starts near 0.88."""
+    The input is RMS-normalized (the residual stream's scale grows with depth). The token scorer's output
+    bias starts at +2, so that sigmoid(score), the weight a kept entry's attention is scaled by, starts
+    near 0.88. The entry scorer also reads each token's position (:func:`position_features`): how much the
+    replay needs an entry depends on where it sits, and its output is a log attribution per (layer, head)."""
 
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, cfg: "AdapterConfig | None" = None):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(hidden, inner), torch.nn.GELU(), torch.nn.Linear(inner, 1))
-        torch.nn.init.constant_(self.net[2].bias, 2.0)
+        self.shape = (cfg.layers, cfg.heads) if cfg is not None and cfg.scorer == "entry" else None
+        extra = POSITION_FEATURES if self.shape else 0
+        outputs = self.shape[0] * self.shape[1] if self.shape else 1
+        self.net = torch.nn.Sequential(torch.nn.Linear(hidden + extra, inner), torch.nn.GELU(),
+                                       torch.nn.Linear(inner, outputs))
+        if not self.shape:
+            torch.nn.init.constant_(self.net[2].bias, 2.0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.net(h).squeeze(-1)
+        if not self.shape:
+            return self.net(h).squeeze(-1)
+        T = h.shape[0]
+        out = self.net(torch.cat([h, position_features(T, h.device)], dim=-1))  # (T, L * H)
+        return out.view(T, *self.shape).permute(1, 2, 0)  # (L, H, T)
 
 
 class Routing:
-    """The per-position LoRA mask the hooks read: None (adapter off) or (S,) float, 1 where adapted."""
+    """The per-position LoRA mask the hooks read: None (adapter off), or 1 where adapted: (S,) float for every
+    layer, or (L, S) float, a row per layer."""
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
@@ -156,14 +216,14 @@ class DistillModel:
         self.peft = get_peft_model(base, lora)
         self.model = self.peft.base_model.model  # the CausalLM, its projections wrapped by peft
         hidden = int(lm.model.config.hidden_size)
-        self.scorer = Scorer(hidden, cfg.scorer_hidden).to(next(lm.model.parameters()).device)
+        self.scorer = Scorer(hidden, cfg.scorer_hidden, cfg).to(next(lm.model.parameters()).device)
         if weights is not None:
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.peft, load_peft_weights(str(weights)))
             self.scorer.load_state_dict(load_file(str(weights / SCORER_FILE)))
         self.routing = Routing()
-        self._hooks = [m.register_forward_hook(self._route) for name, m in self.model.named_modules()
+        self._hooks = [m.register_forward_hook(self._router(_layer_of(name))) for name, m in self.model.named_modules()
                        if name.endswith("lora_B.default")]
         if not self._hooks:
             raise UnsupportedModelError(f"{lm.info.name}: peft found none of {list(cfg.targets)} to adapt")
@@ -171,20 +231,26 @@ class DistillModel:
             p.requires_grad_(trainable)
         self.peft.train(False)
 
-    def _route(self, module, args, output):
-        mask = self.routing.mask
-        if mask is None:
-            return output * 0.0
-        return output * mask.to(output.dtype)[None, :, None]
+    def _router(self, layer: int):
+        def route(module, args, output):
+            mask = self.routing.mask
+            if mask is None:
+                return output * 0.0
+            if mask.dim() == 2:
+                mask = mask[layer]
+            return output * mask.to(output.dtype)[None, :, None]
+        return route
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters: the LoRA matrices and the scorer."""
-        lora = [p for n, p in self.peft.named_parameters() if "lora_" in n]
-        return lora + list(self.scorer.parameters())
+        return self.lora_parameters() + list(self.scorer.parameters())
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.peft.named_parameters() if "lora_" in n]
 
     @contextmanager
     def routed(self, mask: torch.Tensor | None):
-        """Run the model with the adapter on where ``mask`` (S,) is 1 (None: the base model exactly)."""
+        """Run the model with the adapter on where ``mask`` ((S,) or (L, S)) is 1 (None: the base model exactly)."""
         saved = self.routing.mask
         self.routing.mask = mask
         try:
@@ -246,10 +312,27 @@ def read_meta(path: Path) -> dict:
         meta = json.loads((Path(path) / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise FormatError(f"{path}: cannot read {CONFIG_FILE}: {exc}") from exc
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} (found {meta.get('format')!r} "
-                          f"v{meta.get('format_version')!r}); retrain it with this kvforge")
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
+        raise FormatError(f"{path}: not a {FORMAT} of version {' or '.join(map(str, READABLE_VERSIONS))} (found "
+                          f"{meta.get('format')!r} v{meta.get('format_version')!r}); retrain it with this kvforge")
     return meta
+
+
+def read_config(path: Path) -> AdapterConfig:
+    """The adapter's config, whatever readable format version it was written in."""
+    meta = read_meta(path)
+    try:
+        return AdapterConfig.from_dict(meta["config"], meta["format_version"])
+    except (KeyError, TypeError) as exc:
+        raise FormatError(f"{path}: {CONFIG_FILE} has an unreadable config ({exc}); retrain it with this kvforge") from exc
+
+
+def _layer_of(module_name: str) -> int:
+    """The decoder layer a module belongs to, from its name (``...layers.7.self_attn.q_proj.lora_B.default``)."""
+    found = re.search(r"\.layers\.(\d+)\.", module_name)
+    if found is None:
+        raise UnsupportedModelError(f"cannot tell which decoder layer {module_name!r} belongs to")
+    return int(found.group(1))
 
 
 def check_base(cfg: AdapterConfig, lm, where: str) -> None:
@@ -270,8 +353,7 @@ _LOCK = threading.Lock()
 def load_adapter(spec: str | os.PathLike, lm, *, trainable: bool = False) -> tuple[DistillModel, str]:
     """The adapter ``spec`` (``"shipped"`` or a directory) on ``lm``: (model, adapter sha256). Cached when frozen."""
     path = resolve_adapter(spec)
-    meta = read_meta(path)
-    cfg = AdapterConfig.from_dict(meta["config"])
+    cfg = read_config(path)
     check_base(cfg, lm, str(path))
     digest = adapter_sha256(path)
     if trainable:

@@ -139,6 +139,10 @@ class ExampleMaker:
         lead, value = rng.choice(found)
         return w.text_ids, rng.choice(FACT_QUESTIONS).format(lead=lead), value
 
+    def plant_fact(self, rng, w: Window) -> list[int]:
+        """The window's ids with a fact planted at a random depth, as a needle probe plants it."""
+        return self._needle(rng, w)[0]
+
     def _needle(self, rng, w: Window):
         statement, question = rng.choice(NEEDLES)
         what = rng.choice(_THINGS)

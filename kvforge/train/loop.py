@@ -1,9 +1,12 @@
 """``kvforge train distill``: train a KV-Distill adapter on a corpus, with checkpoints, resume and a loss plot.
 
-One step is one example (a document window and a probe, :mod:`kvforge.train.data`) at one keep drawn
-log-uniformly from the keep range; every example is trained at ``reuse`` keeps in consecutive steps, so
-that its teacher pass (the dense cache's answer distribution) is computed once and reused. The adapter
-(LoRA + scorer) is the only thing that learns; AdamW, a short linear warm-up, then a cosine decay to a
+With an entry scorer (the default), the scorer is fitted first: the replay's attribution of ``targets``
+training windows is computed (cached in the run directory until the run ends) and the scorer regressed on
+it (:mod:`kvforge.train.targets`); it then stays fixed while the LoRA adapter learns. One step is one
+example (a document window and a probe, :mod:`kvforge.train.data`) at one keep drawn log-uniformly from
+the keep range; every example is trained at ``reuse`` keeps in consecutive steps, so that its teacher pass
+(the dense cache's answer distribution) is computed once and reused. The adapter (LoRA, and a token
+scorer) is the only thing that learns; AdamW, a short linear warm-up, then a cosine decay to a
 tenth of the learning rate. Everything random is a function of the seed and the step, so a resumed
 run continues the same run.
 
@@ -22,11 +25,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .adapter import CONFIG_FILE, DistillModel, default_config, load_adapter, read_meta
+from .adapter import CONFIG_FILE, SCORERS, DistillModel, default_config, load_adapter, read_meta, resolve_adapter
 from .data import ExampleMaker, make_windows, parse_mix
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
                    training_corpus, warmup_cosine, write_losses)
 from .student import install, student_loss, teacher_pass
+from .targets import TARGETS_FILE, compute_targets, fit_scorer
 
 
 @dataclass
@@ -42,10 +46,13 @@ class TrainConfig:
     rank:         LoRA rank (rank-stabilized)
     mix:          probe kinds and weights (kvforge.train.data.MIX)
     seed:         examples, keeps and the initial weights
+    scorer:       "entry" (one score per layer, head and token, fitted to the replay) or "token" (the paper's)
+    targets:      windows whose replay attribution the entry scorer is fitted to
+    scorer_epochs, scorer_lr: the entry scorer's fit
     """
 
-    steps: int = 600
-    context: int = 512
+    steps: int = 200
+    context: int = 1024
     keep_range: tuple[float, float] = (0.03, 0.3)
     lr: float = 5e-4
     rank_weight: float = 0.1
@@ -55,6 +62,10 @@ class TrainConfig:
     seed: int = 0
     warmup: int = 10
     checkpoint_every: int = 25
+    scorer: str = "entry"
+    targets: int = 64
+    scorer_epochs: int = 60
+    scorer_lr: float = 2e-3
 
     def __post_init__(self) -> None:
         lo, hi = (float(x) for x in self.keep_range)
@@ -67,6 +78,10 @@ class TrainConfig:
             raise ConfigError(f"--context {self.context}: use at least 128 tokens")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"--scorer {self.scorer!r}: one of {', '.join(SCORERS)}")
+        if self.scorer == "entry" and self.targets < 2:
+            raise ConfigError(f"--targets {self.targets}: the entry scorer is fitted to at least 2 windows")
         self.mix = parse_mix(self.mix)
 
     def keep_at(self, step: int) -> float:
@@ -98,6 +113,8 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
 
     cfg = TrainConfig(**settings)
     out = Path(out)
+    if init is not None:
+        resolve_adapter(init)  # an unknown --init fails before the model loads
     lm = load_model(model, device=device, compute_dtype=compute_dtype)
     texts, corpus_sha = training_corpus(sources)
     windows, short = make_windows(lm, texts, cfg.context)
@@ -107,26 +124,39 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     if init is not None:
         dm, init_sha = load_adapter(init, lm, trainable=True)
     else:
-        dm, init_sha = DistillModel(lm, default_config(lm, rank=cfg.rank), trainable=True), None
+        dm, init_sha = DistillModel(lm, default_config(lm, rank=cfg.rank, scorer=cfg.scorer), trainable=True), None
     install(dm.model)
-    params = dm.parameters()
+    entry = dm.cfg.scorer == "entry"
+    params = dm.lora_parameters() if entry else dm.parameters()  # an entry scorer is fitted first, then fixed
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start, history = 0, []
+    start, history, scorer_fit = 0, [], None
     if resume:
         state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha)
         dm.load_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
+        start, history, scorer_fit = state["step"], state["history"], state.get("scorer_fit")
     make = ExampleMaker(lm, windows, cfg.seed, cfg.mix)
     record = {"settings": cfg.resumable() | {"steps": cfg.steps}, "corpus_sha256": corpus_sha, "documents": len(texts),
               "windows": len(windows), "too_short": short, "init": init_sha, "device": lm.device,
               "compute_dtype": lm.compute_dtype, "base_model": lm.info.name}
+    t_fit = time.perf_counter()
+    if entry and scorer_fit is None:  # phase 1: the scorer, fitted to the replay's attribution (resumable targets)
+        items = compute_targets(lm, make, cfg.targets, dm.cfg.first_layer, cfg.seed, out, progress)
+        scorer_fit = fit_scorer(dm.scorer, items, epochs=cfg.scorer_epochs, lr=cfg.scorer_lr, seed=cfg.seed,
+                                sink=dm.cfg.sink, recent=dm.cfg.recent, progress=progress)
+        scorer_fit["seconds"] = round(time.perf_counter() - t_fit, 1)
+        del items
+        _checkpoint(out, dm, optimizer, 0, history, cfg, corpus_sha, scorer_fit)
+    if entry:
+        for p in dm.scorer.parameters():
+            p.requires_grad_(False)
+        record["scorer_fit"] = scorer_fit
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not progress, dynamic_ncols=True)
     teacher_of: tuple[int, object] | None = None
-    saved_step = start if resume else None  # the step of the checkpoint on disk (None: none written yet)
+    saved_step = start if resume or entry else None  # the step of the checkpoint on disk (None: none written yet)
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         index = step // cfg.reuse
@@ -149,7 +179,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
         bar.update(1)
         bar.set_postfix(loss=f"{parts['loss']:.3f}", kl=f"{parts['kl']:.3f}", keep=f"{keep:.2f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(out, dm, optimizer, step + 1, history, cfg, corpus_sha)
+            _checkpoint(out, dm, optimizer, step + 1, history, cfg, corpus_sha, scorer_fit)
             saved_step = step + 1
     bar.close()
     record.update(seconds=round(time.perf_counter() - t0, 1), steps_run=cfg.steps - start,
@@ -159,12 +189,15 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     digest = dm.save(out, record)
     write_losses(out, history)
     _plot(out, history)
+    (out / TARGETS_FILE).unlink(missing_ok=True)  # the scorer's teacher, cached for a killed run only
     return {"adapter": str(out), "adapter_sha256": digest, **record}
 
 
-def _checkpoint(out: Path, dm, optimizer, step: int, history: list, cfg: TrainConfig, corpus_sha: str) -> None:
+def _checkpoint(out: Path, dm, optimizer, step: int, history: list, cfg: TrainConfig, corpus_sha: str,
+                scorer_fit: dict | None = None) -> None:
     save_checkpoint(out, {"step": step, "history": history, "adapter": {k: v.detach().cpu() for k, v in dm.state().items()},
-                          "optimizer": optimizer.state_dict(), "settings": cfg.resumable(), "corpus_sha256": corpus_sha})
+                          "optimizer": optimizer.state_dict(), "settings": cfg.resumable(), "corpus_sha256": corpus_sha,
+                          "scorer_fit": scorer_fit})
 
 
 def _plot(out: Path, history: list) -> None:

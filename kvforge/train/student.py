@@ -5,15 +5,19 @@ segment and its answer). Both passes run it in one forward with kvforge's traini
 
 - the document's rows attend causally to the whole document, as in a prefill;
 - the probe's rows attend to the document's entries through an additive bias (teacher: 0 everywhere;
-  student: ``log sigmoid(score)`` on the kept tokens, -inf on the dropped ones, in every layer and head,
-  as the runtime applies an artifact's ``beta``) and causally to the probe.
+  student: -inf on the dropped entries and, on the kept ones, as the runtime applies an artifact's
+  ``beta``: with a token scorer ``log sigmoid(score)`` in every layer and head; with an entry scorer each
+  (layer, head) its own kept set and the mass its dropped entries had, :func:`mass_beta`) and causally
+  to the probe.
 
 In the student, the kept document tokens also run through the LoRA-adapted projections (layers from
-``first_layer`` on), so that their keys and values can absorb what the dropped tokens carried; the probe
-runs on the base weights, as a question does at query time. The loss is KV-Distill's mix of forward and
-reverse KL on the answer tokens, plus kvforge's ranking term: the scorer's softmax over the document is
-pulled towards where the teacher's answer tokens attend (a question-agnostic scorer learns what questions
-about such text look at; gradients through ``beta`` alone only reach the kept tokens).
+``first_layer`` on; with an entry scorer, in each layer the tokens some head of it keeps), so that their
+keys and values can absorb what the dropped tokens carried; the probe runs on the base weights, as a
+question does at query time. The loss is KV-Distill's mix of forward and reverse KL on the answer tokens.
+A token scorer learns in the same loss, with kvforge's ranking term: its softmax over the document is
+pulled towards where the teacher's answer tokens attend (gradients through ``beta`` alone only reach the
+kept tokens). An entry scorer is fitted before, to the replay's attribution (:mod:`kvforge.train.targets`),
+and stays fixed here.
 """
 
 from __future__ import annotations
@@ -61,14 +65,55 @@ class Teacher:
 
 
 class _Pass:
-    def __init__(self, context: int, bias: torch.Tensor, record_rows: slice | None = None):
+    """One forward's layout. bias: (m, S) additive bias of the probe rows, shared by every layer and head; or
+    kept: (L, H, T) bool, each (layer, KV head) its own kept entries, with the mass beta of ``reference``
+    document rows (and a causal 0 / -inf block over the probe)."""
+
+    def __init__(self, context: int, bias: torch.Tensor | None = None, record_rows: slice | None = None,
+                 kept: torch.Tensor | None = None, reference: int = 0, device=None):
         self.context = context  # T
-        self.bias = bias  # (m, S) additive bias of the probe rows
+        self.bias = bias
+        self.kept = kept
+        self.reference = reference
         self.record_rows = record_rows  # probe rows whose attention over the document is summed (teacher)
-        self.record = torch.zeros(context, device=bias.device) if record_rows is not None else None
+        self.record = torch.zeros(context, device=device) if record_rows is not None else None
+
+    def probe_bias(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+        """(Hq or 1, m, S) additive bias of the probe rows in ``layer``."""
+        if self.kept is None:
+            return self.bias
+        T, S = self.context, key.shape[2]
+        m = S - T
+        kept = self.kept[layer]  # (H, T)
+        group = query.shape[1] // key.shape[1]
+        beta = torch.zeros(kept.shape[0], device=query.device)
+        if self.reference > 0:
+            beta = mass_beta(query[0, :, T - min(self.reference, T):T].detach(), key[0, :, :T].detach(), kept, scale)
+        doc = torch.where(kept, beta[:, None], torch.full_like(beta[:, None], float("-inf")))  # (H, T)
+        doc = doc.repeat_interleave(group, dim=0)[:, None, :].expand(-1, m, T)  # (Hq, m, T)
+        causal = torch.full((m, m), float("-inf"), device=query.device).triu(1)
+        return torch.cat([doc, causal[None].expand(doc.shape[0], m, m)], dim=2)
 
 
 _active: _Pass | None = None
+
+
+def mass_beta(queries: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each KV head's log ratio of attention mass, whole document over kept entries: (H,) float32, >= 0.
+
+    queries: (Hq, R, D), the document's last R queries (the nearest stand-in for a question's);
+    keys: (H, T, D), post-RoPE; kept: (H, T) bool. The kept entries' logits raised by this bias carry, for
+    a typical query, the mass of the whole document, so that the question's own tokens are not
+    over-weighted against a prefix that lost most of its entries (the mass term of sculpt's fit, in
+    closed form for one number per head). Heads with every entry kept get 0.
+    """
+    H, T, _ = keys.shape
+    group = queries.shape[0] // H
+    logits = torch.einsum("hrd,htd->hrt", queries.float(), keys.float().repeat_interleave(group, dim=0)) * scale
+    full = torch.logsumexp(logits, dim=-1)  # (Hq, R)
+    mask = kept.repeat_interleave(group, dim=0)[:, None, :]  # (Hq, 1, T)
+    part = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return (full - part).view(H, group, -1).mean(dim=(1, 2)).clamp_min(0.0)
 
 
 def _train_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -82,7 +127,8 @@ def _train_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     v = value.repeat_interleave(group, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     doc = F.scaled_dot_product_attention(query[:, :, :T], k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale)
-    logits = torch.matmul(query[:, :, T:], k.transpose(-1, -2)) * scale + p.bias.to(query.dtype)  # (1, Hq, m, S)
+    bias = p.probe_bias(module.layer_idx, query, key, scale)
+    logits = torch.matmul(query[:, :, T:], k.transpose(-1, -2)) * scale + bias.to(query.dtype)  # (1, Hq, m, S)
     probs = torch.softmax(logits.float(), dim=-1)
     if p.record is not None:
         p.record += probs[0, :, p.record_rows, :T].detach().sum(dim=(0, 1))
@@ -118,6 +164,39 @@ def select_tokens(scores: torch.Tensor, k: int, sink: int, recent: int) -> torch
     return keep
 
 
+def select_entries(scores: torch.Tensor, total: int, sink: int, recent: int) -> torch.Tensor:
+    """(L, H, T) bool: in every head the protected tokens, and over all heads of all layers the
+    top-scoring others, ``total`` entries in all (never fewer than the protected ones): one top-k over the
+    document's entries, so that layers and heads get ragged shares."""
+    L, H, T = scores.shape
+    protected = protected_tokens(T, sink, recent, scores.device)
+    ranked = torch.nan_to_num(scores.detach().float(), nan=-torch.inf).clone()
+    ranked[:, :, protected] = torch.inf
+    k = min(L * H * T, max(int(total), L * H * int(protected.sum())))
+    keep = torch.zeros(L * H * T, dtype=torch.bool, device=scores.device)
+    keep[torch.topk(ranked.reshape(-1), k=k, sorted=False).indices] = True
+    return keep.view(L, H, T)
+
+
+def select_per_head(scores: torch.Tensor, counts: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """(L, H, T) bool: every (layer, head) keeps its ``counts`` (L, H) top-scoring entries, protected first."""
+    L, H, T = scores.shape
+    protected = protected_tokens(T, sink, recent, scores.device)
+    ranked = torch.nan_to_num(scores.detach().float(), nan=-torch.inf).clone()
+    ranked[:, :, protected] = torch.inf
+    keep = torch.zeros(L, H, T, dtype=torch.bool, device=scores.device)
+    for layer in range(L):
+        for h in range(H):
+            n = min(T, max(int(counts[layer, h]), int(protected.sum())))
+            keep[layer, h, torch.topk(ranked[layer, h], k=n, sorted=False).indices] = True
+    return keep
+
+
+def route_of(kept: torch.Tensor) -> torch.Tensor:
+    """(L, T) float: 1 where some KV head of the layer keeps the token (the tokens LoRA adapts there)."""
+    return kept.any(dim=1).float()
+
+
 def _probe_bias(T: int, m: int, doc_bias: torch.Tensor) -> torch.Tensor:
     """(m, T + m): ``doc_bias`` (T,) over the document for every probe row, then a causal 0 / -inf block."""
     causal = torch.full((m, m), float("-inf"), device=doc_bias.device).triu(1)
@@ -143,7 +222,8 @@ def teacher_pass(dm, ex: Example) -> Teacher:
     store: list = []
     with dm.routed(None) as model:
         hook = _hidden_at(model, dm.cfg.first_layer, store)
-        _active = _Pass(T, _probe_bias(T, m, torch.zeros(T, device=device)), slice(ex.answer_start - 1, m - 1))
+        _active = _Pass(T, _probe_bias(T, m, torch.zeros(T, device=device)), slice(ex.answer_start - 1, m - 1),
+                        device=device)
         try:
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
             record = _active.record
@@ -170,19 +250,29 @@ def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: fl
     T, m = len(ex.context), len(ex.probe)
     device = next(dm.model.parameters()).device
     cfg = dm.cfg
-    scores = dm.scorer(teacher.hidden.to(device))  # (T,)
-    kept = select_tokens(scores, round(keep * T), cfg.sink, cfg.recent)
-    doc_bias = torch.where(kept, F.logsigmoid(scores), torch.full_like(scores, float("-inf")))
-    route = torch.cat([kept.float(), torch.zeros(m, device=device)])  # adapter on the kept document tokens only
     ids = torch.tensor([ex.context + ex.probe], device=device)
+    if cfg.scorer == "entry":  # the scorer is fitted beforehand (kvforge.train.targets) and fixed here
+        with torch.no_grad():
+            scores = dm.scorer(teacher.hidden.to(device))  # (L, H, T)
+        kept = select_entries(scores, round(keep * scores.numel()), cfg.sink, cfg.recent)
+        route = torch.cat([route_of(kept), torch.zeros(kept.shape[0], m, device=device)], dim=1)  # (L, T + m)
+        layout = _Pass(T, kept=kept, reference=cfg.reference)
+    else:
+        scores = dm.scorer(teacher.hidden.to(device))  # (T,)
+        kept = select_tokens(scores, round(keep * T), cfg.sink, cfg.recent)
+        doc_bias = torch.where(kept, F.logsigmoid(scores), torch.full_like(scores, float("-inf")))
+        route = torch.cat([kept.float(), torch.zeros(m, device=device)])  # adapter on the kept document tokens only
+        layout = _Pass(T, _probe_bias(T, m, doc_bias))
     with dm.routed(route) as model:
-        _active = _Pass(T, _probe_bias(T, m, doc_bias))
+        _active = layout
         try:
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
         finally:
             _active = None
     q_log = torch.log_softmax(_answer_logits(model, hidden, ex.answer_positions), dim=-1)
     kl = mixed_kl(teacher.logprobs.to(device).float(), q_log)
+    if cfg.scorer == "entry":
+        return kl, {"loss": float(kl.detach()), "kl": float(kl.detach()), "rank": 0.0, "keep": keep}
     free = ~protected_tokens(T, cfg.sink, cfg.recent, device)
     target = teacher.importance.to(device)[free]
     rank = -(target / target.sum().clamp_min(1e-12) * torch.log_softmax(scores[free], dim=-1)).sum()

@@ -220,6 +220,13 @@ def test_distill_builds_artifacts_that_answer(tiny_llama, tiny_adapter, docs, tm
         assert len(cfg["adapter_sha256"]) == 64 and cfg["adapter_config"]["first_layer"] == 1
         doc = kvforge.load(out / "assert.kv", model=tiny_llama)
         assert isinstance(doc.answer("What does assert do?", max_new_tokens=4), str)
+    plain = tmp_path / "refit0"  # the value refit (on by default) changes values only
+    kvforge.build([docs], plain, method=spec + ":refit=0", keep=0.25, model=tiny_llama, progress=False)
+    fitted, unfitted = read_artifact(tmp_path / "uniform" / "assert.kv").kv, read_artifact(plain / "assert.kv").kv
+    for layer in range(len(fitted.keys)):
+        assert torch.equal(fitted.positions[layer], unfitted.positions[layer])
+        assert torch.equal(fitted.keys[layer], unfitted.keys[layer])
+    assert any(not torch.equal(a, b) for a, b in zip(fitted.values, unfitted.values))
     out = tmp_path / "auto"
     kvforge.build([docs], out, method=spec, keep="auto", model=tiny_llama, progress=False)
     assert (out / "assert.kv").exists()

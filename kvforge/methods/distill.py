@@ -92,7 +92,7 @@ class Distill(Compressor):
     adapter_config: dict = field(default_factory=dict)  # the adapter's config, recorded beside the method
     lora: int = 1  # 0: keep the scorer's entries of a base-model prefill (what the LoRA adds, measured)
     beta: int = 1  # 0: no attention bias on the kept entries
-    refit: int = 0  # 1: the kept values refitted by least squares to the adapted prefill's reference queries
+    refit: int = 1  # kept values refitted by least squares to the adapted prefill's reference queries (0: off)
 
     def __post_init__(self) -> None:
         if self.lora not in (0, 1) or self.beta not in (0, 1) or self.refit not in (0, 1):

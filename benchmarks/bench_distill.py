@@ -5,6 +5,7 @@ For each held-out passage (the eval's sources, cut to ``--lengths`` tokens), int
 * **prefill**: ``kvforge.prefill.prefill`` of the document (what every other method starts from);
 * **distill**: ``Distill.compress_ids`` at ``--keep``, what ``kvforge build --method distill`` runs for a
   plain keep (no dense prefill): the scorer's pass over the first layers, then the adapted prefill;
+* **distill, refit=0**: the same without the default value refit (what the refit costs);
 * **distill + dense**: the dense prefill and ``Distill.compress`` on it, the path of ``--keep auto``,
   ``--allocate pilot`` and ``kvforge eval``.
 
@@ -59,19 +60,22 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model()
     method = get_method("distill", adapter=args.adapter)
+    no_refit = get_method("distill", adapter=args.adapter, refit=0)
     ctx = CompressionContext(model=lm)
     budget = Budget(args.keep)
     rows = []
     method.compress_ids(lm, lm.encode_document("warm up " * 50), budget, ctx)
     for length in (int(x) for x in args.lengths.split(",")):
         for ids in passages(lm, args.docs, length):
-            times = {"prefill": [], "distill": [], "distill + dense": []}
+            times = {"prefill": [], "distill": [], "distill refit=0": [], "distill + dense": []}
             for _ in range(args.repeats):
                 times["prefill"].append(timed(lambda: prefill(lm.model, ids)))
                 times["distill"].append(timed(lambda: method.compress_ids(lm, ids, budget, ctx)))
+                times["distill refit=0"].append(timed(lambda: no_refit.compress_ids(lm, ids, budget, ctx)))
                 times["distill + dense"].append(timed(lambda: method.compress(prefill(lm.model, ids), budget, ctx)))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append({"tokens": length, **med, "ratio": med["distill"] / med["prefill"],
+                         "ratio_no_refit": med["distill refit=0"] / med["prefill"],
                          "ratio_dense": med["distill + dense"] / med["prefill"]})
     record = adapter_record(resolve_adapter(args.adapter))
     result = {"env": environment(lm), "keep": args.keep, "adapter": args.adapter, "rows": rows,
@@ -82,11 +86,13 @@ def main() -> None:
 
 def render(r: dict) -> str:
     lines = [f"# distill build cost ({r['env']['date']}, {r['env']['machine']}, keep {r['keep']})", "",
-             "| tokens | docs | prefill s | distill s | ratio | distill + dense s | ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| tokens | docs | prefill s | distill s | ratio | refit=0 s | ratio | distill + dense s | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sorted({row["tokens"] for row in r["rows"]}):
         sub = [row for row in r["rows"] if row["tokens"] == n]
         med = lambda k: statistics.median(row[k] for row in sub)  # noqa: E731
         lines.append(f"| {n} | {len(sub)} | {med('prefill'):.3f} | {med('distill'):.3f} | {med('ratio'):.2f}x | "
+                     f"{med('distill refit=0'):.3f} | {med('ratio_no_refit'):.2f}x | "
                      f"{med('distill + dense'):.3f} | {med('ratio_dense'):.2f}x |")
     t = r["training"]
     lines += ["", f"training ({r['adapter']}): {t['steps_run']} steps in {t['seconds']} s, "

@@ -232,6 +232,24 @@ def test_distill_builds_artifacts_that_answer(tiny_llama, tiny_adapter, docs, tm
     assert (out / "assert.kv").exists()
 
 
+def test_the_one_pass_build_equals_scoring_then_the_adapted_prefill(tiny_llama, tiny_adapter):
+    from kvforge.methods import Budget, CompressionContext, get_method
+    from kvforge.model import load_model
+    from kvforge.prefill import prefill
+
+    lm = load_model(str(tiny_llama))
+    ids = lm.encode_document("The assert statement checks a condition and raises AssertionError. " * 12)
+    method, ctx, budget = get_method("distill", adapter=str(tiny_adapter)), CompressionContext(model=lm), Budget(0.25)
+    one = method.compress_ids(lm, ids, budget, ctx)  # scored inside the adapted prefill
+    two = method.compress(prefill(lm.model, ids), budget, ctx)  # the scorer's own pass, then the adapted prefill
+    assert torch.equal(one.lengths, two.lengths)
+    for layer in range(len(one.keys)):
+        assert torch.equal(one.positions[layer], two.positions[layer])
+        torch.testing.assert_close(one.keys[layer], two.keys[layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(one.values[layer], two.values[layer], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(one.beta[layer], two.beta[layer], atol=1e-4, rtol=1e-4)
+
+
 def test_a_build_refuses_an_adapter_other_than_the_one_asked_for(tiny_llama, tiny_adapter, docs, tmp_path):
     import kvforge
 

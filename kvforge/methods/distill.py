@@ -20,8 +20,10 @@ Budgets: ``--allocate pilot`` gives heads their counts (each keeps its top entri
 artifact is an ordinary ragged cache answered by the unmodified model; the method's config records the
 adapter's sha256 and config, and a build refuses an adapter whose sha256 disagrees with the one asked for.
 
-Cost: the scorer's pass (the first ``first_layer`` layers) once per document, one adapted prefill per
-budget; the build calls :meth:`Distill.compress_ids` without a dense prefill when nothing else needs one.
+Cost: the build calls :meth:`Distill.compress_ids` for a plain keep, without a dense prefill: with an
+entry scorer that is one forward (the scores are taken where it reaches the adapter's first layer), then
+the refit and beta. ``--keep auto``, the pilot and ``kvforge eval`` start from the dense prefill and add
+the scorer's pass (the first ``first_layer`` layers) once per document and one adapted prefill per budget.
 """
 
 from __future__ import annotations
@@ -66,6 +68,44 @@ def _adapted_prefill(dm, ids: list[int], route: torch.Tensor, queries: bool = Fa
     device = next(dm.model.parameters()).device
     with dm.routed(route.to(device)) as model:
         return prefill(model, ids, queries=queries)
+
+
+def _scored_prefill(dm, ids: list[int], pick, lora: int, queries: bool) -> tuple[torch.Tensor, KV]:
+    """:func:`_score` and :func:`_adapted_prefill` in one forward: (kept (L, H, T) bool, the adapted prefill).
+
+    The layers before the adapter's first one are the base model's, so the states entering it are the
+    scorer's input in either order; a hook there scores them, lets ``pick`` choose the entries and routes
+    the adapter (times ``lora``) to the tokens each layer keeps, before the adapted layers run.
+    """
+    from ..train.student import route_of
+
+    device = next(dm.model.parameters()).device
+    picked: dict = {}
+
+    def route(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # (1, T, d)
+        with torch.no_grad():
+            picked["kept"] = pick(dm.scorer(hidden[0]).float().cpu())
+        dm.routing.mask = (route_of(picked["kept"]) * lora).to(device)
+
+    L = dm.model.config.num_hidden_layers
+    with dm.routed(torch.zeros(L, len(ids), device=device)) as model:  # no layer before the hook is adapted
+        hook = model.model.layers[dm.cfg.first_layer].register_forward_pre_hook(route, with_kwargs=True)
+        try:
+            kv = prefill(model, ids, queries=queries)
+        finally:
+            hook.remove()
+    return picked["kept"], kv
+
+
+def _pick_entries(scores: torch.Tensor, budget: Budget, cfg) -> torch.Tensor:
+    """(L, H, T) bool: the pilot's count per head where it fixed them, else one top-k over all entries."""
+    from ..train.student import select_entries, select_per_head
+
+    L, H, T = scores.shape
+    if budget.head_totals is not None:
+        return select_per_head(scores, budget.per_head(L, H, T), cfg.sink, cfg.recent)
+    return select_entries(scores, sum(budget.totals(L, H, T)), cfg.sink, cfg.recent)
 
 
 def _entry_beta(dm, kv: KV, kept: torch.Tensor) -> torch.Tensor:
@@ -157,29 +197,31 @@ class Distill(Compressor):
         return compress_at
 
     def _entry_compressor(self, dm, ids: list[int], scores: torch.Tensor, seed: int = 0):
-        from ..train.student import route_of, select_entries, select_per_head
-
-        L, H, T = scores.shape
-        cfg = dm.cfg
+        from ..train.student import route_of
 
         def compress_at(budget: Budget) -> CompressedKV:
-            if budget.head_totals is not None:  # a pilot allocation fixed every head's count
-                kept = select_per_head(scores, budget.per_head(L, H, T), cfg.sink, cfg.recent)
-            else:  # one top-k over all the document's entries
-                kept = select_entries(scores, sum(budget.totals(L, H, T)), cfg.sink, cfg.recent)
-            kv = _adapted_prefill(dm, ids, route_of(kept) * self.lora, queries=bool(self.beta or self.refit))
-            out = gather(kv, kept)
-            if self.refit:  # a head's constant beta cancels inside its kept entries' softmax: fitted without it
-                from .fit import reference
-                from .select_fit import refit_values
-
-                out = refit_values(kv, out, reference(kv, dm.model, 256, "end", seed), 0.1)
-            if self.beta:
-                beta = _entry_beta(dm, kv, kept)  # (L, H)
-                out.beta = [beta[layer].repeat_interleave(out.lengths[layer].long()) for layer in range(L)]
-            return out
+            kept = _pick_entries(scores, budget, dm.cfg)
+            kv = _adapted_prefill(dm, ids, route_of(kept) * self.lora, queries=self._needs_queries)
+            return self._finish(dm, kv, kept, seed)
 
         return compress_at
+
+    @property
+    def _needs_queries(self) -> bool:
+        return bool(self.beta or self.refit)
+
+    def _finish(self, dm, kv: KV, kept: torch.Tensor, seed: int) -> CompressedKV:
+        """The kept entries (L, H, T) of the adapted prefill ``kv``, values refitted and beta set as configured."""
+        out = gather(kv, kept)
+        if self.refit:  # a head's constant beta cancels inside its kept entries' softmax: fitted without it
+            from .fit import reference
+            from .select_fit import refit_values
+
+            out = refit_values(kv, out, reference(kv, dm.model, 256, "end", seed), 0.1)
+        if self.beta:
+            beta = _entry_beta(dm, kv, kept)  # (L, H)
+            out.beta = [beta[layer].repeat_interleave(out.lengths[layer].long()) for layer in range(kv.shape[0])]
+        return out
 
     def prepare(self, kv: KV, ctx: CompressionContext):
         if ctx.model is None or kv.input_ids is None:
@@ -193,5 +235,9 @@ class Distill(Compressor):
     def compress_ids(self, lm, ids: list[int], budget: Budget, ctx: CompressionContext) -> CompressedKV:
         """Compress a document from its ids alone (no dense prefill): the build's path for a plain keep."""
         dm = self._load(lm)
+        if dm.cfg.scorer == "entry":  # one pass: scored where the adapted prefill reaches the adapter's layers
+            kept, kv = _scored_prefill(dm, ids, lambda scores: _pick_entries(scores, budget, dm.cfg), self.lora,
+                                       self._needs_queries)
+            return self._finish(dm, kv, kept, ctx.seed)
         L, H = lm.info.num_layers, lm.info.num_kv_heads
         return self._compressor(dm, ids, _score(dm, ids), (L, H, len(ids)), ctx.seed)(budget)

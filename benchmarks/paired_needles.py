@@ -2,9 +2,10 @@
 
 Accuracy counts alone hide which documents each side answers; on a few dozen documents a gap of
 a few answers can be noise. This pairs the rows of two configurations (``method@keep``; a method
-matches by prefix, so ``sculpt`` also finds ``sculpt:surprisal=1+pilot``) on the same tasks and
-reports the documents only one of them answers, with an exact two-sided sign test on those; then the
-same pairing of their KL on question + answer tokens (which side is lower, document by document).
+matches exactly where a row names it so, else by prefix, so ``sculpt`` also finds
+``sculpt:surprisal=1+pilot``) on the same tasks and reports the documents only one of them answers,
+with an exact two-sided sign test on those; then the same pairing of their KL on question + answer
+tokens (which side is lower, document by document).
 
     .venv/bin/python benchmarks/paired_needles.py --a sculpt@0.1 --b kvpress:KVzipPress@0.25 \\
         benchmarks/results/eval-surprisal benchmarks/results/eval-surprisal-seed2 benchmarks/results/eval-surprisal-seed3
@@ -21,11 +22,13 @@ from pathlib import Path
 
 
 def scores(rows: list[dict], spec: str, field: str = "score") -> dict[str, float]:
-    """task -> ``field`` of the rows matching ``method@keep`` (method by prefix); one match per task."""
+    """task -> ``field`` of the rows matching ``method@keep`` (the method exactly where some row names it so,
+    else by prefix); one match per task."""
     method, keep = spec.rsplit("@", 1)
+    exact = any(r["method"] == method for r in rows)
     out: dict[str, float] = {}
     for r in rows:
-        if r["method"].startswith(method) and r["keep"] == float(keep):
+        if (r["method"] == method if exact else r["method"].startswith(method)) and r["keep"] == float(keep):
             if r["task"] in out:
                 raise SystemExit(f"{spec!r} matches two rows of task {r['task']}: name the method in full")
             out[r["task"]] = float(r[field])

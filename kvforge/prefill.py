@@ -143,6 +143,11 @@ def prefill(model, input_ids: list[int], *, queries: bool = False, pre_rope_keys
     return KV(keys=keys, values=values, queries=q, keys_pre_rope=kpre, surprisal=surp, input_ids=list(input_ids))
 
 
+def attention_scale(model, head_dim: int) -> float:
+    """The model's attention logit scale (its attention module's ``scaling``; else 1 / sqrt(head_dim))."""
+    return float(getattr(model.model.layers[0].self_attn, "scaling", head_dim ** -0.5))
+
+
 REPLAY_PROMPT = "\n\nRepeat the previous context exactly.\n"
 
 
@@ -171,7 +176,7 @@ def replay_scores(model, kv: KV, input_ids: list[int], prompt_ids: list[int], ch
     L, H, T, D = kv.keys.shape
     weights0 = next(model.parameters())
     device, dtype = weights0.device, weights0.dtype  # kv is float32 on the CPU; the replay runs where the model is
-    scale = float(getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5))
+    scale = attention_scale(model, D)
     scores = torch.zeros(L, H, T)
     saved_attn = model.config._attn_implementation
     _register_capture()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..prefill import KV, prefill
+from ..prefill import KV, attention_scale, prefill
 from ..ragged import CompressedKV
 from .base import Budget, CompressionContext, Compressor, gather, register
 
@@ -112,7 +112,7 @@ def _entry_beta(dm, kv: KV, kept: torch.Tensor) -> torch.Tensor:
     """(L, H) the mass beta of every head's kept entries, from the document's last queries."""
     from ..train.student import mass_beta
 
-    scale = float(getattr(dm.model.model.layers[0].self_attn, "scaling", kv.shape[-1] ** -0.5))
+    scale = attention_scale(dm.model, kv.shape[-1])
     T, R = kv.shape[2], min(dm.cfg.reference, kv.shape[2])
     return torch.stack([mass_beta(kv.queries[layer, :, T - R:], kv.keys[layer], kept[layer], scale)
                         for layer in range(kv.shape[0])])

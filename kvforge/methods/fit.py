@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..prefill import KV
+from ..prefill import KV, attention_scale
 
 
 @dataclass
@@ -82,13 +82,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _attention_scale(model, head_dim: int) -> float:
-    try:
-        return float(model.model.layers[0].self_attn.scaling)
-    except AttributeError:
-        return head_dim ** -0.5
-
-
 @torch.no_grad()
 def reference(kv: KV, model=None, samples: int = 256, position: str = "end", seed: int = 0) -> Reference:
     """Sample reference queries from the prefill's captured queries.
@@ -127,7 +120,7 @@ def sample_reference(queries: torch.Tensor, positions: torch.Tensor, T: int, kv_
         raise ValueError(f"position must be 'end' or 'own', got {position!r}")
     # (L, Hq, n, D) -> per layer (H, group * n, D): a KV head's reference is its query heads' queries
     per_layer = [q[l].reshape(kv_heads, group * n, D).contiguous() for l in range(L)]
-    return Reference(queries=per_layer, scale=_attention_scale(model, D) if model is not None else D ** -0.5)
+    return Reference(queries=per_layer, scale=attention_scale(model, D) if model is not None else D ** -0.5)
 
 
 def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridge: float) -> torch.Tensor:

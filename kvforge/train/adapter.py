@@ -175,9 +175,8 @@ class Scorer(torch.nn.Module):
         super().__init__()
         self.shape = (cfg.layers, cfg.heads) if cfg is not None and cfg.scorer == "entry" else None
         extra = POSITION_FEATURES if self.shape else 0
-        outputs = self.shape[0] * self.shape[1] if self.shape else 1
         self.net = torch.nn.Sequential(torch.nn.Linear(hidden + extra, inner), torch.nn.GELU(),
-                                       torch.nn.Linear(inner, outputs))
+                                       torch.nn.Linear(inner, cfg.outputs if cfg is not None else 1))
         if not self.shape:
             torch.nn.init.constant_(self.net[2].bias, 2.0)
 

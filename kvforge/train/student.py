@@ -164,15 +164,21 @@ def select_tokens(scores: torch.Tensor, k: int, sink: int, recent: int) -> torch
     return keep
 
 
+def _entry_ranking(scores: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, int]:
+    """(L, H, T) scores with the protected tokens at +inf and NaN at -inf, and how many tokens are protected."""
+    protected = protected_tokens(scores.shape[-1], sink, recent, scores.device)
+    ranked = torch.nan_to_num(scores.detach().float(), nan=-torch.inf).clone()
+    ranked[:, :, protected] = torch.inf
+    return ranked, int(protected.sum())
+
+
 def select_entries(scores: torch.Tensor, total: int, sink: int, recent: int) -> torch.Tensor:
     """(L, H, T) bool: in every head the protected tokens, and over all heads of all layers the
     top-scoring others, ``total`` entries in all (never fewer than the protected ones): one top-k over the
     document's entries, so that layers and heads get ragged shares."""
     L, H, T = scores.shape
-    protected = protected_tokens(T, sink, recent, scores.device)
-    ranked = torch.nan_to_num(scores.detach().float(), nan=-torch.inf).clone()
-    ranked[:, :, protected] = torch.inf
-    k = min(L * H * T, max(int(total), L * H * int(protected.sum())))
+    ranked, n_protected = _entry_ranking(scores, sink, recent)
+    k = min(L * H * T, max(int(total), L * H * n_protected))
     keep = torch.zeros(L * H * T, dtype=torch.bool, device=scores.device)
     keep[torch.topk(ranked.reshape(-1), k=k, sorted=False).indices] = True
     return keep.view(L, H, T)
@@ -181,13 +187,11 @@ def select_entries(scores: torch.Tensor, total: int, sink: int, recent: int) -> 
 def select_per_head(scores: torch.Tensor, counts: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """(L, H, T) bool: every (layer, head) keeps its ``counts`` (L, H) top-scoring entries, protected first."""
     L, H, T = scores.shape
-    protected = protected_tokens(T, sink, recent, scores.device)
-    ranked = torch.nan_to_num(scores.detach().float(), nan=-torch.inf).clone()
-    ranked[:, :, protected] = torch.inf
+    ranked, n_protected = _entry_ranking(scores, sink, recent)
     keep = torch.zeros(L, H, T, dtype=torch.bool, device=scores.device)
     for layer in range(L):
         for h in range(H):
-            n = min(T, max(int(counts[layer, h]), int(protected.sum())))
+            n = min(T, max(int(counts[layer, h]), n_protected))
             keep[layer, h, torch.topk(ranked[layer, h], k=n, sorted=False).indices] = True
     return keep
 
@@ -203,7 +207,8 @@ def _probe_bias(T: int, m: int, doc_bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([doc_bias[None].expand(m, T), causal], dim=1)
 
 
-def _hidden_at(model, layer: int, store: list):
+def hidden_at(model, layer: int, store: list):
+    """A hook (remove it after) that appends the hidden states entering decoder layer ``layer``: (1, S, d)."""
     return model.model.layers[layer].register_forward_pre_hook(
         lambda mod, args, kwargs: store.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
 
@@ -221,7 +226,7 @@ def teacher_pass(dm, ex: Example) -> Teacher:
     ids = torch.tensor([ex.context + ex.probe], device=device)
     store: list = []
     with dm.routed(None) as model:
-        hook = _hidden_at(model, dm.cfg.first_layer, store)
+        hook = hidden_at(model, dm.cfg.first_layer, store)
         _active = _Pass(T, _probe_bias(T, m, torch.zeros(T, device=device)), slice(ex.answer_start - 1, m - 1),
                         device=device)
         try:

@@ -26,7 +26,7 @@ import torch
 from ..containers import atomic_file
 from ..errors import TrainingError
 from ..prefill import REPLAY_PROMPT, prefill, replay_scores
-from .student import select_entries
+from .student import hidden_at, protected_tokens, select_entries
 
 TARGETS_FILE = "targets.pt"
 
@@ -43,10 +43,7 @@ def window_target(lm, ids: list[int], first_layer: int) -> tuple[torch.Tensor, t
     """(hidden (T, d) float16, target (L, H, T) float16): the states entering ``first_layer`` and the centred
     log replay attribution of every entry."""
     store: list = []
-    layer = lm.model.model.layers[first_layer]
-    hook = layer.register_forward_pre_hook(
-        lambda mod, args, kwargs: store.append((args[0] if args else kwargs["hidden_states"])[0].float().cpu()),
-        with_kwargs=True)
+    hook = hidden_at(lm.model, first_layer, store)
     try:
         kv = prefill(lm.model, ids)
     finally:
@@ -54,7 +51,7 @@ def window_target(lm, ids: list[int], first_layer: int) -> tuple[torch.Tensor, t
     prompt = lm.tokenizer(REPLAY_PROMPT, add_special_tokens=False)["input_ids"]
     scores = replay_scores(lm.model, kv, ids, prompt, attribution=True)  # (L, H, T)
     log = scores.clamp_min(1e-12).log()
-    return store[0].half(), (log - log.mean()).half()
+    return store[0][0].cpu().half(), (log - log.mean()).half()
 
 
 def compute_targets(lm, maker, n: int, first_layer: int, seed: int, out: Path, progress: bool = True) -> list[dict]:
@@ -91,10 +88,7 @@ def recall_at(predicted: torch.Tensor, target: torch.Tensor, keep: float, sink: 
     total = round(keep * target.numel())
     a = select_entries(predicted, total, sink, recent)
     b = select_entries(target.float(), total, sink, recent)
-    free = b.clone()
-    free[:, :, : max(sink, 1)] = False
-    if recent > 0:
-        free[:, :, -recent:] = False
+    free = b & ~protected_tokens(b.shape[-1], sink, recent, b.device)
     return float((a & free).sum() / free.sum().clamp_min(1))
 
 

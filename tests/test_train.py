@@ -299,3 +299,34 @@ def test_the_shipped_adapter_loads_and_builds_with_the_embedded_model(tmp_path):
                                      "--max-new-tokens", "16", "--json"])
     assert asked.exit_code == 0, asked.output
     assert json.loads(asked.output)["answer"].strip()
+
+
+@pytest.mark.parametrize("command", ["distill", "cat"])
+def test_train_help_states_the_configs_defaults(command):
+    """The CLI imports no torch to print --help, so its defaults are written out; they must be the config's."""
+    import dataclasses
+    import re
+
+    from kvforge import cli_train
+    from kvforge.train.cat_train import CatConfig
+    from kvforge.train.data import parse_mix
+
+    config = {"distill": TrainConfig, "cat": CatConfig}[command]
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(config)}
+    checked = 0
+    for param in getattr(cli_train, command).params:
+        found = re.search(r"\[default: ([^\]]+)\]", getattr(param, "help", None) or "")
+        if not found or param.name not in defaults:
+            continue
+        stated, actual = found.group(1), defaults[param.name]
+        if param.name == "mix":
+            assert parse_mix(stated) == actual, param.name
+        elif isinstance(actual, tuple):
+            assert tuple(float(x) for x in stated.split(",")) == actual, param.name
+        elif isinstance(actual, (int, float)) and not isinstance(actual, bool):
+            assert float(stated) == actual, param.name
+        else:
+            assert stated == actual, param.name
+        checked += 1
+    assert checked >= 5

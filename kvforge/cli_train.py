@@ -95,12 +95,16 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
 @click.option("--steps", default=None, type=int, help="optimizer steps, one window each  [default: 300]")
 @click.option("--context", default=None, type=int, help="tokens per training window  [default: 512]")
 @click.option("--lr", default=None, type=float, help="peak learning rate  [default: 3e-4]")
+@click.option("--recall", default=None, type=float,
+              help="share of steps whose tokens after the split repeat a span of the text before it (a recall "
+                   "probe: the compressed prefix must still hold what is quoted) instead of continuing it  "
+                   "[default: 0.0]")
 @click.option("--seed", default=0, show_default=True, type=int, help="windows, splits, keeps and initial weights")
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def cat(sources, out, model, policy, keep_range, steps, context, lr, seed, resume, as_json, no_progress, device,
+def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, seed, resume, as_json, no_progress, device,
         compute_dtype):
     """Continue training a model on SOURCES so that its KV cache compresses better (KV-CAT).
 
@@ -114,7 +118,7 @@ def cat(sources, out, model, policy, keep_range, steps, context, lr, seed, resum
     from .train import cat as run
 
     settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr,
-                                      policy=policy).items() if v is not None}
+                                      policy=policy, recall=recall).items() if v is not None}
     report = run(list(sources), out, model=model, resume=resume, seed=seed, device=device, compute_dtype=compute_dtype,
                  progress=not no_progress and not as_json, **settings)
     if as_json:

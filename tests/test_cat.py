@@ -99,6 +99,26 @@ def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corp
     assert sparse["kl"] > 100 * max(parts["kl"], 1e-9)
 
 
+def test_a_recall_probe_repeats_the_prefix_and_is_lossless_when_everything_is_kept(tiny_llama, corpus):
+    """A recall step's suffix is a span of its own prefix; kept whole, the copy is the dense pass (KL 0)."""
+    from kvforge.model import load_model
+
+    lm = load_model(tiny_llama)
+    st = CatStudent(lm, CatConfig(policy="attention", context=128))
+    ids = _windows(lm, corpus)[1]
+    with torch.no_grad():
+        _, full = step_loss(st, ids, 32, 1.0, step=0, recall=0.5)
+        _, sparse = step_loss(st, ids, 32, 0.1, step=0, recall=0.5)
+    assert full["recall"] and full["kl"] < 1e-5
+    assert sparse["kl"] > 100 * max(full["kl"], 1e-9)
+    plain, probes = CatConfig(), CatConfig(recall=0.5)
+    draws = [(plain.draw(i, 50), probes.draw(i, 50)) for i in range(200)]
+    assert all(a[:3] == b[:3] and a[3] is None for a, b in draws)  # the same windows, splits and keeps
+    assert 70 < sum(b[3] is not None for _, b in draws) < 130
+    with pytest.raises(ConfigError, match="--recall"):
+        CatConfig(recall=1.5)
+
+
 @pytest.mark.parametrize("policy, ntp_weight", [("attention", 0.0), ("router", 0.5)])
 def test_training_lowers_the_loss_on_a_fixed_window(tiny_llama, tmp_path, policy, ntp_weight):
     """One short document (two windows), one keep, one split: the loss the run optimizes goes down on it.

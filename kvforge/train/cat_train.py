@@ -9,6 +9,11 @@ runs (kvforge.train.cat_policy):
   slots the policy keeps (``k = keep * s`` per layer and KV head, the keep drawn log-uniformly from
   ``keep_range``).
 
+A share ``recall`` of the steps are recall probes instead: the window's suffix is replaced by a copy of
+a span of its own prefix (the text repeated, as a question quotes its document), so the teacher
+predicts it from the earlier occurrence and the compressed copy must find that occurrence in the kept
+slots: the retrieval a compressed cache fails at, which a plain continuation rarely asks for.
+
 loss = ``kl_weight`` * KL(base, dense || student, sparse) on the suffix copy's predictions
      + ``ntp_weight`` * next-token cross-entropy of the student's dense pass (``ntp_tokens`` positions)
 
@@ -51,6 +56,7 @@ class CatConfig:
     suffix:      (lo, hi): tokens after the split, drawn uniformly (at most half the context)
     kl_weight, ntp_weight: the two terms of the loss
     ntp_tokens:  dense positions whose next-token loss is computed (the full-vocabulary head is costly)
+    recall:      share of steps whose suffix repeats a span of the prefix (a recall probe), in [0, 1]
     """
 
     steps: int = 300
@@ -68,6 +74,7 @@ class CatConfig:
     seed: int = 0
     warmup: int = 10
     checkpoint_every: int = 25
+    recall: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -84,16 +91,24 @@ class CatConfig:
             raise ConfigError(f"--context {self.context}: use at least {max(128, 2 * a)} tokens")
         if self.steps < 1 or self.checkpoint_every < 1 or self.rank < 1 or self.ntp_tokens < 1:
             raise ConfigError("--steps, checkpoint_every, rank and ntp_tokens must be >= 1")
+        if not 0 <= self.recall <= 1:
+            raise ConfigError(f"--recall {self.recall}: a share of the steps, in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.kl_weight < 0 or self.ntp_weight < 0:
             raise ConfigError(f"need a positive learning rate and weights >= 0 (lr {self.lr}, "
                               f"kl {self.kl_weight}, ntp {self.ntp_weight})")
 
-    def draw(self, step: int, windows: int) -> tuple[int, int, float]:
-        """(window index, suffix length, keep) of ``step``: a function of the seed and the step."""
+    def draw(self, step: int, windows: int) -> tuple[int, int, float, float | None]:
+        """(window index, suffix length, keep, recall) of ``step``: a function of the seed and the step.
+
+        recall: None for a continuation step, else where the repeated span starts, as a fraction of the
+        prefix room before it (the draws of a run without recall probes are those of earlier versions).
+        """
         rng = random.Random(f"cat:{self.seed}:{step}")
         lo, hi = self.keep_range
         keep = log_uniform(rng.random(), lo, hi)
-        return rng.randrange(windows), rng.randint(self.suffix[0], min(self.suffix[1], self.context // 2)), keep
+        index, n = rng.randrange(windows), rng.randint(self.suffix[0], min(self.suffix[1], self.context // 2))
+        probe = rng.random() < self.recall if self.recall > 0 else False
+        return index, n, keep, rng.random() if probe else None
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine(step, self.lr, self.warmup, self.steps)
@@ -162,11 +177,20 @@ class CatStudent:
         return out
 
 
-def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int) -> tuple[torch.Tensor, dict]:
-    """One window's loss: (loss with its graph, its parts as floats)."""
+def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
+              recall: float | None = None) -> tuple[torch.Tensor, dict]:
+    """One window's loss: (loss with its graph, its parts as floats).
+
+    recall: None for a continuation (the suffix is the window's last ``n`` tokens), else a recall probe:
+    the suffix becomes the prefix's ``n`` tokens starting at that fraction of the room after the sink
+    (ids: T tokens either way).
+    """
     cfg, model = st.cfg, st.model
     T = len(ids)
     s = T - n
+    if recall is not None:
+        a = cfg.sink + int(recall * max(0, s - n - cfg.sink))
+        ids = ids[:s] + ids[a:a + n]
     k = max(cfg.sink, round(keep * s))
     device = next(model.parameters()).device
     window = torch.tensor([ids], device=device)
@@ -190,12 +214,13 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int) ->
         activate(None)
     student = torch.log_softmax(model.lm_head(hidden[T:T + n - 1]).float(), dim=-1)  # the copy's predictions
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
-    rows = torch.randperm(T - 1, generator=g)[: cfg.ntp_tokens].sort().values.to(device)
+    dense_rows = T - 1 if recall is None else s - 1  # a repeated span is no text to learn from
+    rows = torch.randperm(dense_rows, generator=g)[: cfg.ntp_tokens].sort().values.to(device)
     ntp = F.cross_entropy(model.lm_head(hidden[rows]).float(), window[0, rows + 1])
     loss = cfg.kl_weight * kl + cfg.ntp_weight * ntp
     kept = sum(int(m.sum()) for m in sparse.masks) / max(1, len(sparse.masks) * sparse.masks[0].shape[0] * s)
     return loss, {"loss": float(loss.detach()), "kl": float(kl.detach()), "ntp": float(ntp.detach()),
-                  "keep": round(keep, 4), "kept": round(kept, 4), "split": s}
+                  "keep": round(keep, 4), "kept": round(kept, 4), "split": s, "recall": recall is not None}
 
 
 def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool = True, device: str | None = None,
@@ -232,11 +257,11 @@ def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool 
     saved_step = start if resume else None
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        index, n, keep = cfg.draw(step, len(windows))
+        index, n, keep, recall = cfg.draw(step, len(windows))
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = step_loss(st, prefix + windows[index].text_ids, n, keep, step)
+        loss, parts = step_loss(st, prefix + windows[index].text_ids, n, keep, step, recall)
         if not torch.isfinite(loss):
             bar.close()
             _plot(out, history)

@@ -41,6 +41,20 @@ def test_eval_smoke_and_resume(tmp_path, tiny_llama):
     assert r.exit_code == 0, r.output
     again = [json.loads(x) for x in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
     assert len(again) == len(rows)
+    assert json.loads((tmp_path / "ev" / "config.json").read_text())["model"]["source"] == str(tiny_llama)
+    assert (tmp_path / "ev" / "report.md").read_text().startswith(f"Model: {tiny_llama.name} (`{tiny_llama}`")
+
+
+def test_eval_refuses_to_resume_another_models_rows(tmp_path, tiny_llama, other_llama):
+    """A folder's rows are one model's: resuming with another model would mix them in one report."""
+    args = ["eval", "--methods", "knorm", "--keep", "0.5", "--tasks", "niah_number", "--lengths", "300",
+            "--samples", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "ev"), "--no-progress"]
+    assert CliRunner().invoke(cli, [*args, "--model", str(tiny_llama)]).exit_code == 0
+    rows = (tmp_path / "ev" / "rows.jsonl").read_text()
+    r = CliRunner().invoke(cli, [*args, "--model", str(other_llama)])
+    assert r.exit_code != 0 and "holds rows of model" in r.output and "another --out" in r.output
+    assert (tmp_path / "ev" / "rows.jsonl").read_text() == rows
+    assert json.loads((tmp_path / "ev" / "config.json").read_text())["model"]["source"] == str(tiny_llama)
 
 
 def test_eval_keep_auto(tmp_path, tiny_llama):

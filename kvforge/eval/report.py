@@ -165,12 +165,17 @@ def split_markdown(splits: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(rows: list[dict], out: Path, budgets: dict | None = None) -> dict:
+def write_report(rows: list[dict], out: Path, budgets: dict | None = None, model: dict | None = None) -> dict:
+    """summary.json and report.md (headed by the model the rows are of, where given), and the plots."""
     summary = summarize(rows)
     splits = by_split(rows)
     if splits:
         summary["splits"] = splits
+    head = ""
+    if model is not None:
+        summary["model"] = model
+        head = f"Model: {model['name']} (`{model['source']}`, weights sha256 {model['weights_sha256'][:12]})\n\n"
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(markdown(summary) + (split_markdown(splits) if splits else ""))
+    (out / "report.md").write_text(head + markdown(summary) + (split_markdown(splits) if splits else ""))
     summary["plots"] = plots(summary, out, budgets)
     return summary

@@ -31,6 +31,7 @@ from pathlib import Path
 from ..artifact import STORAGE_DTYPES, kv_to_tensors
 from ..builder import BuildConfig, compress_document
 from ..calibrate import DEFAULT_TOLERANCE, kl_divergence  # noqa: F401 (re-exported)
+from ..errors import ConfigError
 from ..methods import Compressor, get_method
 from ..methods.base import keep_all
 from ..model import LoadedModel
@@ -88,6 +89,27 @@ def _configs(cfg: EvalConfig) -> list[tuple[str, float]]:
     return out
 
 
+def model_identity(lm: LoadedModel) -> dict:
+    """What a run's config and report say of its model (rows of two models never share a folder)."""
+    return {"name": lm.info.name, "source": lm.info.source, "weights_sha256": lm.info.weights_sha256}
+
+
+def _check_same_model(out: Path, model: dict, resuming: bool) -> None:
+    """A folder's rows are one model's: resuming them with another would mix two models in one report."""
+    path = out / "config.json"
+    if not resuming or not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("model")
+    except (ValueError, AttributeError):
+        old = None
+    if old is None:  # written before the model was recorded
+        return
+    if old.get("weights_sha256") != model["weights_sha256"]:
+        raise ConfigError(f"{out} holds rows of model {old.get('name')} ({old.get('source')}), not of "
+                          f"{model['name']} ({model['source']}): pass another --out, or that --model to resume")
+
+
 def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
         on_kv=None) -> list[dict]:
     """Run (or resume) the evaluation; returns all rows, old and new.
@@ -103,7 +125,9 @@ def run(lm: LoadedModel, cfg: EvalConfig, out: Path, progress: bool = True,
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] \
         if rows_path.exists() else []
     done = {_row_key(r["task"], r["method"], r["keep"]) for r in rows}
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    model = model_identity(lm)
+    _check_same_model(out, model, bool(rows))
+    (out / "config.json").write_text(json.dumps(asdict(cfg) | {"model": model}, indent=2))
     tasks = generate(lm.tokenizer, cfg.kinds, cfg.lengths, cfg.samples, cfg.seed, cfg.sources, cfg.phrasings)
     configs = _configs(cfg)
     compressors: dict[str, Compressor] = {m: get_method(m) for m in cfg.methods if m != "full"}

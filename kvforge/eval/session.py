@@ -89,7 +89,7 @@ def evaluate(cfg, out: str | Path, model=None, progress: bool = True) -> dict:
     The budget heat maps show every kvforge method at the smallest numeric keep (the first task's).
     """
     from .report import write_report
-    from .runner import run
+    from .runner import model_identity, run
     from ..model import load_model
 
     lm = load_model(model)
@@ -103,4 +103,4 @@ def evaluate(cfg, out: str | Path, model=None, progress: bool = True) -> dict:
 
     out = Path(out)
     rows = run(lm, cfg, out, progress=progress, on_kv=keep_budget)
-    return write_report(rows, out, budgets)
+    return write_report(rows, out, budgets, model=model_identity(lm))

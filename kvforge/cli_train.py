@@ -113,7 +113,7 @@ def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, see
     keeps the uncompressed model as it was. The result (a weight delta of a few MB and the base model's
     identity) loads with --model OUT; its artifacts are refused by the base model. A checkpoint is
     written every 25 steps: after a kill, rerun with --resume. The default run takes about 20 minutes
-    on 2 idle CPU cores (3.5 s a step).
+    on 2 idle CPU cores (about 3.4 s a step).
     """
     from .train import cat as run
 

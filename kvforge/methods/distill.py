@@ -44,10 +44,12 @@ class _Stop(Exception):
 
 def _score(dm, ids: list[int]) -> torch.Tensor:
     """(T,) or (L, H, T) scores: the base model up to the adapter's first layer (stopped there), then the scorer."""
+    from ..train.student import layer_input
+
     store: list = []
 
     def grab(module, args, kwargs):
-        store.append(args[0] if args else kwargs["hidden_states"])
+        store.append(layer_input(args, kwargs))
         raise _Stop
 
     device = next(dm.model.parameters()).device
@@ -77,13 +79,13 @@ def _scored_prefill(dm, ids: list[int], pick, lora: int, queries: bool) -> tuple
     scorer's input in either order; a hook there scores them, lets ``pick`` choose the entries and routes
     the adapter (times ``lora``) to the tokens each layer keeps, before the adapted layers run.
     """
-    from ..train.student import route_of
+    from ..train.student import layer_input, route_of
 
     device = next(dm.model.parameters()).device
     picked: dict = {}
 
     def route(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]  # (1, T, d)
+        hidden = layer_input(args, kwargs)  # (1, T, d)
         with torch.no_grad():
             picked["kept"] = pick(dm.scorer(hidden[0]).float().cpu())
         dm.routing.mask = (route_of(picked["kept"]) * lora).to(device)

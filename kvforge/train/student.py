@@ -207,10 +207,15 @@ def _probe_bias(T: int, m: int, doc_bias: torch.Tensor) -> torch.Tensor:
     return torch.cat([doc_bias[None].expand(m, T), causal], dim=1)
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states (1, S, d) a decoder layer's forward pre-hook (``with_kwargs=True``) is given."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def hidden_at(model, layer: int, store: list):
     """A hook (remove it after) that appends the hidden states entering decoder layer ``layer``: (1, S, d)."""
     return model.model.layers[layer].register_forward_pre_hook(
-        lambda mod, args, kwargs: store.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        lambda mod, args, kwargs: store.append(layer_input(args, kwargs)), with_kwargs=True)
 
 
 def _answer_logits(model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="the CAT model directory to write (with checkpoint.pt, losses.jsonl and loss.png)")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help="the base model to continue: " + MODEL_HELP)
-@click.option("--policy", default=None, type=click.Choice(["random", "attention", "router"]),
+@click.option("--policy", default=None, type=click.Choice(["random", "attention", "router", "compactor"]),
               help="which prefix slots the tokens after the split may attend to while training  [default: router]")
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep of the prefix is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.05,0.5]")

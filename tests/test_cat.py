@@ -16,7 +16,10 @@ from conftest import kill_at_first_checkpoint, write_training_corpus  # noqa: E4
 from kvforge.errors import ConfigError, IncompatibleModelError, InputError, TrainingError
 from kvforge.train import cat
 from kvforge.train.cat_train import CatConfig, CatStudent, step_loss
-from kvforge.train.cat_policy import Pass, activate, budget_mask
+from kvforge.methods.base import CompressionContext
+from kvforge.methods.compactor import Compactor
+from kvforge.train import cat_policy
+from kvforge.train.cat_policy import POLICIES, Pass, budget_mask, forward
 from kvforge.train.data import make_windows
 
 ARGS = dict(steps=3, context=128, checkpoint_every=1, progress=False)
@@ -50,9 +53,10 @@ def test_budget_mask_keeps_exactly_k_per_head_with_the_sink():
         assert bool((free <= kept).all()) or k >= 40
 
 
-@pytest.mark.parametrize("policy", ["random", "attention", "router"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama, corpus, policy):
     from kvforge.model import load_model
+    from kvforge.prefill import prefill
 
     lm = load_model(tiny_llama)
     st = CatStudent(lm, CatConfig(policy=policy, context=128))
@@ -60,20 +64,13 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
     T, n, k = len(ids), 32, 21
     record: list = []
     with torch.no_grad(), st.peft.disable_adapter():
-        activate(Pass(T, T - n, k, policy, teacher=True, record=record))
-        try:
-            st.model.model(input_ids=torch.tensor([ids]), use_cache=False)
-        finally:
-            activate(None)
+        forward(st.model, Pass(T, T - n, k, policy, teacher=True, record=record), torch.tensor([ids]))
     sparse = Pass(T, T - n, k, policy, teacher=False, record=record, router=st.router,
                   generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(T), torch.arange(T - n, T)])[None]
-    activate(sparse)
-    try:
-        with torch.no_grad():
-            st.model.model(input_ids=torch.tensor([ids + ids[T - n:]]), position_ids=positions, use_cache=False)
-    finally:
-        activate(None)
+    with torch.no_grad():
+        forward(st.model, sparse, torch.tensor([ids + ids[T - n:]]), positions)
+    assert cat_policy._active is None
     L, H = lm.info.num_layers, lm.info.num_kv_heads
     assert len(sparse.masks) == L and len(record) == L
     for mask in sparse.masks:
@@ -82,6 +79,11 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
         for layer in range(L):
             top = record[layer][:, 4:].topk(k - 4, dim=1).indices + 4
             assert bool(sparse.masks[layer].gather(1, top).all())
+    if policy == "compactor":  # the slots kvforge's compactor keeps of the same prefix, on the same model
+        kv = prefill(st.model, ids[:T - n], queries=True, pre_rope_keys=True)
+        scores = Compactor().scorer(kv, CompressionContext(keep=k / (T - n)))(k / (T - n))
+        for layer in range(L):
+            assert torch.equal(sparse.masks[layer], budget_mask(scores[layer], k, sink=4)), layer
 
 
 def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corpus):

@@ -330,3 +330,8 @@ def test_train_help_states_the_configs_defaults(command):
             assert stated == actual, param.name
         checked += 1
     assert checked >= 5
+    if command == "cat":  # the policies the CLI offers are the trainer's
+        from kvforge.train.cat_policy import POLICIES
+
+        policy = next(p for p in cli_train.cat.params if p.name == "policy")
+        assert tuple(policy.type.choices) == POLICIES

@@ -20,6 +20,9 @@ attention  the slots the base model's suffix rows attend to most (summed over th
 router     a learned linear score over each slot's value vector per (layer, head); the kept slots'
            logits get ``log sigmoid(score)``, the bias through which the router learns (as KV-Distill's
            scorer; kvforge's artifacts carry the same per-entry ``beta``)
+compactor  the slots kvforge's compactor would keep of the prefix, scored on the student's own queries
+           and keys of the dense pass (its leverage and chunked attention, with its defaults): training
+           against the post-hoc method itself, as the model will be compressed after training
 
 Shapes: masks and scores (Hkv, s) per layer; the attention function's query (1, Hq, S, D), key and
 value (1, Hkv, S, D), output (1, S, Hq, D).
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from ..attention import attention_names, text_attention
 
 TRAIN_ATTN = "kvforge_cat_train"
-POLICIES = ("random", "attention", "router")
+POLICIES = ("random", "attention", "router", "compactor")
 
 
 def budget_mask(scores: torch.Tensor, k: int, sink: int) -> torch.Tensor:
@@ -75,8 +78,10 @@ class Pass:
         self.record = record  # teacher: filled with (Hkv, s) per layer; student "attention": read
         self.router, self.generator = router, generator
         self.masks: list[torch.Tensor] = []  # student: the (Hkv, s) mask each layer used
+        self.pre_keys: list[torch.Tensor] = []  # student "compactor": each layer's (Hkv, T + n, D) pre-RoPE keys
 
-    def slots(self, layer: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def slots(self, layer: int, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The kept mask (Hkv, s) and the kept slots' bias (Hkv, s) or None, for the copy's rows."""
         prefix = value[0, :, : self.s]  # (Hkv, s, D)
         bias = None
@@ -84,12 +89,29 @@ class Pass:
             scores = torch.rand(prefix.shape[:2], generator=self.generator).to(prefix.device)
         elif self.policy == "attention":
             scores = self.record[layer]
+        elif self.policy == "compactor":
+            scores = self._compactor(layer, query, key, value)
         else:
             scores = self.router(layer, prefix)
             bias = F.logsigmoid(scores)
         mask = budget_mask(scores, self.k, self.sink)
         self.masks.append(mask)
         return mask, bias
+
+    def _compactor(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The compactor's scores (Hkv, s) of the prefix at this pass's keep (no gradient: a selection)."""
+        from ..methods.compactor import Compactor
+        from ..methods.base import CompressionContext
+        from ..prefill import KV
+
+        s = self.s
+        with torch.no_grad():
+            kv = KV(keys=key[:, :, :s].detach().float().cpu(), values=value[:, :, :s].detach().float().cpu(),
+                    queries=query[:, :, :s].detach().float().cpu(),
+                    keys_pre_rope=self.pre_keys[layer][None, :, :s].detach().float().cpu())  # L = 1
+            keep = self.k / s
+            scores = Compactor().scorer(kv, CompressionContext(seed=0, keep=keep))(keep)[0]
+        return scores.to(value.device)
 
 
 _active: Pass | None = None
@@ -119,7 +141,7 @@ def _cat_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         p.record.append(probs[0, :, :, :s].sum(dim=1).view(key.shape[1], group, s).sum(dim=1))  # (Hkv, s)
         return dense.transpose(1, 2).contiguous(), None
     n = query.shape[2] - T
-    mask, bias = p.slots(layer, value)
+    mask, bias = p.slots(layer, query, key, value)
     cols = torch.cat([k[:, :, :s], k[:, :, T:]], dim=2)  # the prefix slots and the copy
     vals = torch.cat([v[:, :, :s], v[:, :, T:]], dim=2)
     logits = torch.matmul(query[:, :, T:], cols.transpose(-1, -2)).float() * scale  # (1, Hq, n, s + n)
@@ -132,6 +154,23 @@ def _cat_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return torch.cat([dense, copy], dim=2).transpose(1, 2).contiguous(), None
 
 
+def forward(model, p: Pass, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``model``'s decoder over ``input_ids`` (1, S) with ``p`` active: the last hidden states (1, S, hidden).
+
+    For the compactor policy the key module's outputs (the pre-RoPE keys) are captured on the way.
+    """
+    from contextlib import ExitStack
+
+    from ..architectures import capture_pre_rope_keys, kv_shape, layout_of
+
+    with ExitStack() as stack:
+        if p.policy == "compactor" and not p.teacher:
+            p.pre_keys = stack.enter_context(capture_pre_rope_keys(model, layout_of(model), *kv_shape(model.config)))
+        activate(p)
+        stack.callback(activate, None)
+        return model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
 def install(model) -> None:
     """Switch a private model copy to the CAT training attention (text attention when no pass is active)."""
     from transformers.masking_utils import eager_mask, sdpa_mask
@@ -140,4 +179,4 @@ def install(model) -> None:
     model.set_attn_implementation(TRAIN_ATTN)
 
 
-__all__ = ["POLICIES", "Pass", "Router", "activate", "budget_mask", "install"]
+__all__ = ["POLICIES", "Pass", "Router", "activate", "budget_mask", "forward", "install"]

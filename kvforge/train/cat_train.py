@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..catmodel import CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir
 from ..containers import atomic_file
 from ..errors import ConfigError, UnsupportedModelError
-from .cat_policy import POLICIES, Pass, Router, activate, install
+from .cat_policy import POLICIES, Pass, Router, forward, install
 from .data import make_windows
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
                    training_corpus, warmup_cosine, write_losses)
@@ -196,22 +196,13 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
     window = torch.tensor([ids], device=device)
     record: list = []
     with torch.no_grad(), st.peft.disable_adapter():
-        activate(Pass(T, s, k, cfg.policy, teacher=True, record=record))
-        try:
-            hidden = model.model(input_ids=window, use_cache=False).last_hidden_state
-        finally:
-            activate(None)
+        hidden = forward(model, Pass(T, s, k, cfg.policy, teacher=True, record=record), window)
         teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, record=record, router=st.router, generator=g)
     positions = torch.arange(T + n, device=device)
     positions[T:] = torch.arange(s, T, device=device)
-    activate(sparse)
-    try:
-        hidden = model.model(input_ids=torch.cat([window, window[:, s:]], dim=1), position_ids=positions[None],
-                             use_cache=False).last_hidden_state[0]
-    finally:
-        activate(None)
+    hidden = forward(model, sparse, torch.cat([window, window[:, s:]], dim=1), positions[None])[0]
     student = torch.log_softmax(model.lm_head(hidden[T:T + n - 1]).float(), dim=-1)  # the copy's predictions
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
     dense_rows = T - 1 if recall is None else s - 1  # a repeated span is no text to learn from

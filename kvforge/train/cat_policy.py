@@ -30,10 +30,16 @@ value (1, Hkv, S, D), output (1, S, Hq, D).
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 import torch.nn.functional as F
 
+from ..architectures import capture_pre_rope_keys, kv_shape, layout_of
 from ..attention import attention_names, text_attention
+from ..methods.base import CompressionContext
+from ..methods.compactor import Compactor
+from ..prefill import KV
 
 TRAIN_ATTN = "kvforge_cat_train"
 POLICIES = ("random", "attention", "router", "compactor")
@@ -100,17 +106,13 @@ class Pass:
 
     def _compactor(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The compactor's scores (Hkv, s) of the prefix at this pass's keep (no gradient: a selection)."""
-        from ..methods.compactor import Compactor
-        from ..methods.base import CompressionContext
-        from ..prefill import KV
-
         s = self.s
         with torch.no_grad():
             kv = KV(keys=key[:, :, :s].detach().float().cpu(), values=value[:, :, :s].detach().float().cpu(),
                     queries=query[:, :, :s].detach().float().cpu(),
                     keys_pre_rope=self.pre_keys[layer][None, :, :s].detach().float().cpu())  # L = 1
             keep = self.k / s
-            scores = Compactor().scorer(kv, CompressionContext(seed=0, keep=keep))(keep)[0]
+            scores = Compactor().scorer(kv, CompressionContext(seed=0, keep=keep))(keep)[0]  # a default build's sketch
         return scores.to(value.device)
 
 
@@ -159,10 +161,6 @@ def forward(model, p: Pass, input_ids: torch.Tensor, position_ids: torch.Tensor 
 
     For the compactor policy the key module's outputs (the pre-RoPE keys) are captured on the way.
     """
-    from contextlib import ExitStack
-
-    from ..architectures import capture_pre_rope_keys, kv_shape, layout_of
-
     with ExitStack() as stack:
         if p.policy == "compactor" and not p.teacher:
             p.pre_keys = stack.enter_context(capture_pre_rope_keys(model, layout_of(model), *kv_shape(model.config)))

@@ -16,6 +16,7 @@ from pathlib import Path
 from train_distill import write_corpus
 
 from kvforge.train import cat
+from kvforge.train.cat_policy import POLICIES
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--corpus", default=None, help="train on this folder instead of writing the sources' passages")
     ap.add_argument("--max-passages", type=int, default=0, help="at most this many passages per source (seeded)")
-    ap.add_argument("--policy", default="router", choices=["random", "attention", "router", "compactor"])
+    ap.add_argument("--policy", default="router", choices=POLICIES)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--resume", action="store_true")

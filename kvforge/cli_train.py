@@ -92,7 +92,7 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
               help="which prefix slots the tokens after the split may attend to while training  [default: router]")
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep of the prefix is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.05,0.5]")
-@click.option("--steps", default=None, type=int, help="optimizer steps, one window each  [default: 300]")
+@click.option("--steps", default=None, type=int, help="optimizer steps, one window each  [default: 600]")
 @click.option("--context", default=None, type=int, help="tokens per training window  [default: 512]")
 @click.option("--lr", default=None, type=float, help="peak learning rate  [default: 3e-4]")
 @click.option("--recall", default=None, type=float,
@@ -112,8 +112,8 @@ def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, see
     compression would) and distills those tokens towards the dense model, with a next-token loss that
     keeps the uncompressed model as it was. The result (a weight delta of a few MB and the base model's
     identity) loads with --model OUT; its artifacts are refused by the base model. A checkpoint is
-    written every 25 steps: after a kill, rerun with --resume. The default run takes about 20 minutes
-    on 2 idle CPU cores (about 3.4 s a step).
+    written every 25 steps: after a kill, rerun with --resume. The default run takes about 30 minutes
+    on 2 idle CPU cores (3.0-3.4 s a step); longer runs compress better (BENCHMARKS.md, section 10).
     """
     from .train import cat as run
 

@@ -59,7 +59,7 @@ class CatConfig:
     recall:      share of steps whose suffix repeats a span of the prefix (a recall probe), in [0, 1]
     """
 
-    steps: int = 300
+    steps: int = 600
     context: int = 512
     policy: str = "router"
     keep_range: tuple[float, float] = (0.05, 0.5)

@@ -1,9 +1,13 @@
 """Train a CAT model on the eval's text sources (the shipped one: the tuning split's two Python sources).
 
-    python benchmarks/train_cat.py -o kvforge/adapters/cat-smollm2 --steps 300 --policy router
+The shipped model (kvforge/adapters/cat-smollm2/) is a 900-step run resumed to 1,800 steps:
 
-Writes the sources' passages as .txt files (``--corpus-out`` keeps them; benchmarks/train_distill.py's
-corpus writer, so both learned models see the same text) and runs ``kvforge.train.cat`` over them.
+    python benchmarks/train_cat.py -o cat-1800 --policy compactor --steps 900
+    python benchmarks/train_cat.py -o cat-1800 --policy compactor --steps 1800 --resume
+
+Writes the sources' passages as .txt files into a temporary folder (benchmarks/train_distill.py's corpus
+writer, so both learned models see the same text; the same passages each time, so ``--resume`` finds the
+same corpus) and runs ``kvforge.train.cat`` over them; ``--corpus DIR`` trains on a folder instead.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 class CatConfig:
     """One run's settings, recorded in the CAT model and checked on resume.
 
-    policy:      random, attention or router (kvforge.train.cat_policy)
+    policy:      one of kvforge.train.cat_policy.POLICIES (random, attention, router, compactor)
     keep_range:  (lo, hi): each step's keep of the prefix slots, drawn log-uniformly; 0 < lo <= hi <= 1
     suffix:      (lo, hi): tokens after the split, drawn uniformly (at most half the context)
     kl_weight, ntp_weight: the two terms of the loss

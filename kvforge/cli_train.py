@@ -99,13 +99,17 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
               help="share of steps whose tokens after the split repeat a span of the text before it (a recall "
                    "probe: the compressed prefix must still hold what is quoted) instead of continuing it  "
                    "[default: 0.0]")
+@click.option("--teacher", default=None, type=click.Choice(["base", "self"]),
+              help="what the compressed tokens are distilled towards: the frozen base model's dense predictions, "
+                   "or the model's own (what it is measured by: its compressed cache against its own full one)  "
+                   "[default: base]")
 @click.option("--seed", default=0, show_default=True, type=int, help="windows, splits, keeps and initial weights")
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, seed, resume, as_json, no_progress, device,
-        compute_dtype):
+def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, teacher, seed, resume, as_json, no_progress,
+        device, compute_dtype):
     """Continue training a model on SOURCES so that its KV cache compresses better (KV-CAT).
 
     Each step masks most of a window's prefix for the tokens after a split (per layer and KV head, as
@@ -119,7 +123,7 @@ def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, see
     from .train import cat as run
 
     settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr,
-                                      policy=policy, recall=recall).items() if v is not None}
+                                      policy=policy, recall=recall, teacher=teacher).items() if v is not None}
     report = run(list(sources), out, model=model, resume=resume, seed=seed, device=device, compute_dtype=compute_dtype,
                  progress=not no_progress and not as_json, **settings)
     if as_json:

@@ -101,6 +101,28 @@ def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corp
     assert sparse["kl"] > 100 * max(parts["kl"], 1e-9)
 
 
+def test_the_self_teacher_is_the_students_own_dense_pass(tiny_llama, corpus):
+    """Once the LoRA has moved the model off the base, the copy kept whole still matches the model's own
+    dense pass (KL 0 with ``teacher="self"``) but no longer the base's; compressed, both are far off."""
+    from kvforge.model import load_model
+
+    lm = load_model(tiny_llama)
+    ids = _windows(lm, corpus)[1]
+    parts = {}
+    for teacher in ("base", "self"):
+        st = CatStudent(lm, CatConfig(policy="compactor", context=128, teacher=teacher))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, w in st.peft.named_parameters():
+                if "lora_B" in name:
+                    w.copy_(0.05 * torch.randn(w.shape, generator=g))
+            parts[teacher] = [step_loss(st, ids, 32, keep, step=0)[1]["kl"] for keep in (1.0, 0.1)]
+    assert parts["self"][0] < 1e-5 < 1e-3 < parts["base"][0], parts
+    assert parts["self"][1] > 100 * max(parts["self"][0], 1e-9), parts
+    assert CatConfig().resumable() == {k: v for k, v in CatConfig(teacher="base").resumable().items()}
+    assert "teacher" not in CatConfig().resumable() and CatConfig(teacher="self").resumable()["teacher"] == "self"
+
+
 def test_a_recall_probe_repeats_the_prefix_and_is_lossless_when_everything_is_kept(tiny_llama, corpus):
     """A recall step's suffix is a span of its own prefix; kept whole, the copy is the dense pass (KL 0)."""
     from kvforge.model import load_model
@@ -121,8 +143,9 @@ def test_a_recall_probe_repeats_the_prefix_and_is_lossless_when_everything_is_ke
         CatConfig(recall=1.5)
 
 
-@pytest.mark.parametrize("policy, ntp_weight", [("attention", 0.0), ("router", 0.5)])
-def test_training_lowers_the_loss_on_a_fixed_window(tiny_llama, tmp_path, policy, ntp_weight):
+@pytest.mark.parametrize("policy, ntp_weight, teacher", [("attention", 0.0, "base"), ("router", 0.5, "base"),
+                                                         ("random", 0.0, "self")])
+def test_training_lowers_the_loss_on_a_fixed_window(tiny_llama, tmp_path, policy, ntp_weight, teacher):
     """One short document (two windows), one keep, one split: the loss the run optimizes goes down on it.
     Without the next-token term that is the KL itself; with it, the random model's next-token loss
     dominates (about log V) and the total is what falls."""
@@ -134,7 +157,8 @@ def test_training_lowers_the_loss_on_a_fixed_window(tiny_llama, tmp_path, policy
     corpus.mkdir()
     (corpus / "assert.txt").write_text(topics.topics["assert"][:700])
     lm = load_model(tiny_llama)
-    settings = dict(policy=policy, context=128, ntp_weight=ntp_weight, keep_range=(0.2, 0.2), suffix=(32, 32))
+    settings = dict(policy=policy, context=128, ntp_weight=ntp_weight, keep_range=(0.2, 0.2), suffix=(32, 32),
+                    teacher=teacher)
     run = tmp_path / "run"
     cat([str(corpus)], run, model=str(tiny_llama), steps=20, lr=3e-3, checkpoint_every=20, progress=False, **settings)
     cfg = CatConfig(steps=20, **settings)
@@ -207,7 +231,7 @@ def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no .txt/.md documents"):
         cat([str(empty)], tmp_path / "a", model=str(tiny_llama), **ARGS)
-    for bad in ({"policy": "oracle"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)}, {"keep_range": (0.5, 0.2)}):
+    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)}, {"keep_range": (0.5, 0.2)}):
         with pytest.raises(ConfigError):
             cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), **(ARGS | bad))
     short = tmp_path / "short"
@@ -259,10 +283,12 @@ def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(out), "--model", str(tiny_llama),
-                                      "--steps", "2", "--context", "128", "--policy", "random", "--json"])
+                                      "--steps", "2", "--context", "128", "--policy", "random", "--teacher", "self",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["steps_run"] == 2
-    assert json.loads((out / "kvforge-cat.json").read_text())["training"]["settings"]["policy"] == "random"
+    settings = json.loads((out / "kvforge-cat.json").read_text())["training"]["settings"]
+    assert settings["policy"] == "random" and settings["teacher"] == "self"
     bad = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",
                                    str(tiny_llama), "--policy", "oracle"])
     assert bad.exit_code == 2 and "oracle" in bad.output

@@ -14,8 +14,13 @@ a span of its own prefix (the text repeated, as a question quotes its document),
 predicts it from the earlier occurrence and the compressed copy must find that occurrence in the kept
 slots: the retrieval a compressed cache fails at, which a plain continuation rarely asks for.
 
-loss = ``kl_weight`` * KL(base, dense || student, sparse) on the suffix copy's predictions
+loss = ``kl_weight`` * KL(teacher || student, sparse) on the suffix copy's predictions
      + ``ntp_weight`` * next-token cross-entropy of the student's dense pass (``ntp_tokens`` positions)
+
+The teacher is ``base`` (the frozen base model's dense predictions, the issue's reading) or ``self``
+(the student's own dense predictions of the same tokens, in the same forward, without gradient: the
+literal self-distillation, and what a CAT model is measured by, its compressed cache against its own
+full one; the base forward is then skipped unless the attention policy needs its attention).
 
 The first term teaches the model to carry what later tokens need in fewer slots; the second keeps its
 uncompressed behaviour. Only the LoRA matrices (rank-stabilized, on q/k/v/o of every layer) and, for
@@ -45,6 +50,7 @@ from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfi
                    training_corpus, warmup_cosine, write_losses)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TEACHERS = ("base", "self")
 
 
 @dataclass
@@ -57,6 +63,7 @@ class CatConfig:
     kl_weight, ntp_weight: the two terms of the loss
     ntp_tokens:  dense positions whose next-token loss is computed (the full-vocabulary head is costly)
     recall:      share of steps whose suffix repeats a span of the prefix (a recall probe), in [0, 1]
+    teacher:     one of TEACHERS: what the sparse copy is distilled towards (see the module docstring)
     """
 
     steps: int = 600
@@ -75,6 +82,7 @@ class CatConfig:
     warmup: int = 10
     checkpoint_every: int = 25
     recall: float = 0.0
+    teacher: str = "base"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -91,6 +99,8 @@ class CatConfig:
             raise ConfigError(f"--context {self.context}: use at least {max(128, 2 * a)} tokens")
         if self.steps < 1 or self.checkpoint_every < 1 or self.rank < 1 or self.ntp_tokens < 1:
             raise ConfigError("--steps, checkpoint_every, rank and ntp_tokens must be >= 1")
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
         if not 0 <= self.recall <= 1:
             raise ConfigError(f"--recall {self.recall}: a share of the steps, in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.kl_weight < 0 or self.ntp_weight < 0:
@@ -117,6 +127,8 @@ class CatConfig:
         d = asdict(self)
         d.pop("steps")
         d["keep_range"], d["suffix"] = list(self.keep_range), list(self.suffix)
+        if d["teacher"] == "base":  # the only teacher before it was a setting: those checkpoints still resume
+            d.pop("teacher")
         return d
 
 
@@ -195,15 +207,18 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
     device = next(model.parameters()).device
     window = torch.tensor([ids], device=device)
     record: list = []
-    with torch.no_grad(), st.peft.disable_adapter():
-        hidden = forward(model, Pass(T, s, k, cfg.policy, teacher=True, record=record), window)
-        teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
+    if cfg.teacher == "base" or cfg.policy == "attention":
+        with torch.no_grad(), st.peft.disable_adapter():
+            hidden = forward(model, Pass(T, s, k, cfg.policy, teacher=True, record=record), window)
+            teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, record=record, router=st.router, generator=g)
     positions = torch.arange(T + n, device=device)
     positions[T:] = torch.arange(s, T, device=device)
     hidden = forward(model, sparse, torch.cat([window, window[:, s:]], dim=1), positions[None])[0]
     student = torch.log_softmax(model.lm_head(hidden[T:T + n - 1]).float(), dim=-1)  # the copy's predictions
+    if cfg.teacher == "self":  # the same tokens' dense rows of this forward, a target without gradient
+        teacher = torch.log_softmax(model.lm_head(hidden[s:T - 1].detach()).float(), dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
     dense_rows = T - 1 if recall is None else s - 1  # a repeated span is no text to learn from
     rows = torch.randperm(dense_rows, generator=g)[: cfg.ntp_tokens].sort().values.to(device)
@@ -305,4 +320,4 @@ def _plot(out: Path, history: list) -> None:
     plot_losses(out, history, ("loss", "kl", "ntp"), "kvforge train cat")
 
 
-__all__ = ["CatConfig", "CatStudent", "step_loss", "train_cat"]
+__all__ = ["TEACHERS", "CatConfig", "CatStudent", "step_loss", "train_cat"]

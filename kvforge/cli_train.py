@@ -101,8 +101,8 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
                    "[default: 0.0]")
 @click.option("--teacher", default=None, type=click.Choice(["base", "self"]),
               help="what the compressed tokens are distilled towards: the frozen base model's dense predictions, "
-                   "or the model's own (what it is measured by: its compressed cache against its own full one)  "
-                   "[default: base]")
+                   "or the model's own (what it is measured by: its compressed cache against its own full one; "
+                   "it compressed no better and lost full-cache needles, BENCHMARKS.md section 10)  [default: base]")
 @click.option("--seed", default=0, show_default=True, type=int, help="windows, splits, keeps and initial weights")
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")

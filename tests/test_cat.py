@@ -119,7 +119,7 @@ def test_the_self_teacher_is_the_students_own_dense_pass(tiny_llama, corpus):
             parts[teacher] = [step_loss(st, ids, 32, keep, step=0)[1]["kl"] for keep in (1.0, 0.1)]
     assert parts["self"][0] < 1e-5 < 1e-3 < parts["base"][0], parts
     assert parts["self"][1] > 100 * max(parts["self"][0], 1e-9), parts
-    assert CatConfig().resumable() == {k: v for k, v in CatConfig(teacher="base").resumable().items()}
+    # a run from before the setting (its checkpoint has no "teacher") resumes as the base teacher
     assert "teacher" not in CatConfig().resumable() and CatConfig(teacher="self").resumable()["teacher"] == "self"
 
 

@@ -108,8 +108,8 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, teacher, seed, resume, as_json, no_progress,
-        device, compute_dtype):
+def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, teacher, seed, resume, as_json,
+        no_progress, device, compute_dtype):
     """Continue training a model on SOURCES so that its KV cache compresses better (KV-CAT).
 
     Each step masks most of a window's prefix for the tokens after a split (per layer and KV head, as

@@ -231,7 +231,8 @@ def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no .txt/.md documents"):
         cat([str(empty)], tmp_path / "a", model=str(tiny_llama), **ARGS)
-    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)}, {"keep_range": (0.5, 0.2)}):
+    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)},
+                {"keep_range": (0.5, 0.2)}):
         with pytest.raises(ConfigError):
             cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), **(ARGS | bad))
     short = tmp_path / "short"

@@ -1,9 +1,8 @@
 """Train a CAT model on the eval's text sources (the shipped one: the tuning split's two Python sources).
 
-The shipped model (kvforge/adapters/cat-smollm2/) is a 900-step run resumed to 1,800 steps:
+The shipped model (kvforge/adapters/cat-smollm2/) is a 600-step run on 1,024-token windows:
 
-    python benchmarks/train_cat.py -o cat-1800 --policy compactor --steps 900
-    python benchmarks/train_cat.py -o cat-1800 --policy compactor --steps 1800 --resume
+    python benchmarks/train_cat.py -o cat-1024 --policy compactor --steps 600 --context 1024
 
 Writes the sources' passages as .txt files into a temporary folder (benchmarks/train_distill.py's corpus
 writer, so both learned models see the same text; the same passages each time, so ``--resume`` finds the

@@ -93,7 +93,9 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep of the prefix is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.05,0.5]")
 @click.option("--steps", default=None, type=int, help="optimizer steps, one window each  [default: 600]")
-@click.option("--context", default=None, type=int, help="tokens per training window  [default: 512]")
+@click.option("--context", default=None, type=int,
+              help="tokens per training window; documents shorter are skipped (the shipped embedded-cat: 1024, "
+                   "the length of the eval's documents)  [default: 512]")
 @click.option("--lr", default=None, type=float, help="peak learning rate  [default: 3e-4]")
 @click.option("--recall", default=None, type=float,
               help="share of steps whose tokens after the split repeat a span of the text before it (a recall "
@@ -118,7 +120,7 @@ def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, tea
     identity) loads with --model OUT; its artifacts are refused by the base model. A checkpoint is
     written every 25 steps: after a kill, rerun with --resume. The default run takes about 30 minutes
     on 2 idle CPU cores (3.0-3.4 s a step); 900 steps compressed better than 300, 1,800 no better
-    than 900 (BENCHMARKS.md, section 10).
+    than 900, and 600 steps on 1,024-token windows as well as 900 on 512 (BENCHMARKS.md, section 10).
     """
     from .train import cat as run
 

@@ -92,6 +92,9 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
               help="which prefix slots the tokens after the split may attend to while training  [default: router]")
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep of the prefix is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.05,0.5]")
+@click.option("--scope", default=None, type=click.Choice(["head", "layer"]),
+              help="the keep per KV head, or per layer with the heads' counts left to the policy's scores, as "
+                   "the compactor builds (ragged across heads)  [default: head]")
 @click.option("--steps", default=None, type=int, help="optimizer steps, one window each  [default: 600]")
 @click.option("--context", default=None, type=int,
               help="tokens per training window; documents shorter are skipped (the shipped embedded-cat: 1024, "
@@ -110,7 +113,7 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, teacher, seed, resume, as_json,
+def cat(sources, out, model, policy, keep_range, scope, steps, context, lr, recall, teacher, seed, resume, as_json,
         no_progress, device, compute_dtype):
     """Continue training a model on SOURCES so that its KV cache compresses better (KV-CAT).
 
@@ -125,7 +128,8 @@ def cat(sources, out, model, policy, keep_range, steps, context, lr, recall, tea
     from .train import cat as run
 
     settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr,
-                                      policy=policy, recall=recall, teacher=teacher).items() if v is not None}
+                                      policy=policy, recall=recall, teacher=teacher, scope=scope).items()
+                if v is not None}
     report = run(list(sources), out, model=model, resume=resume, seed=seed, device=device, compute_dtype=compute_dtype,
                  progress=not no_progress and not as_json, **settings)
     if as_json:

@@ -53,8 +53,23 @@ def test_budget_mask_keeps_exactly_k_per_head_with_the_sink():
         assert bool((free <= kept).all()) or k >= 40
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama, corpus, policy):
+def test_budget_mask_with_layer_scope_keeps_k_per_head_on_average_ragged_by_score():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 40, generator=g)
+    scores[0] += 2.0  # one head scores higher throughout: it gets more of the layer's budget
+    for k in (4, 9, 20, 40):
+        mask = budget_mask(scores, k, sink=4, scope="layer")
+        counts = mask.sum(dim=1)
+        assert int(counts.sum()) == 3 * k and bool(mask[:, :4].all())
+        free = scores.masked_fill(mask, -torch.inf)[:, 4:].max()  # one ranking over the layer's heads
+        kept = scores.masked_fill(~mask, torch.inf)[:, 4:].min()
+        assert float(free) <= float(kept) or k == 40
+        if 4 < k < 40:
+            assert counts[0] > k > counts[1:].min()
+
+
+@pytest.mark.parametrize("policy,scope", [(p, "head") for p in POLICIES] + [("compactor", "layer"), ("random", "layer")])
+def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama, corpus, policy, scope):
     from kvforge.model import load_model
     from kvforge.prefill import prefill
 
@@ -65,7 +80,7 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
     record: list = []
     with torch.no_grad(), st.peft.disable_adapter():
         forward(st.model, Pass(T, T - n, k, policy, teacher=True, record=record), torch.tensor([ids]))
-    sparse = Pass(T, T - n, k, policy, teacher=False, record=record, router=st.router,
+    sparse = Pass(T, T - n, k, policy, teacher=False, scope=scope, record=record, router=st.router,
                   generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(T), torch.arange(T - n, T)])[None]
     with torch.no_grad():
@@ -74,7 +89,9 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
     L, H = lm.info.num_layers, lm.info.num_kv_heads
     assert len(sparse.masks) == L and len(record) == L
     for mask in sparse.masks:
-        assert tuple(mask.shape) == (H, T - n) and mask.sum(dim=1).tolist() == [k] * H
+        assert tuple(mask.shape) == (H, T - n) and int(mask.sum()) == k * H and bool(mask[:, :4].all())
+        if scope == "head":
+            assert mask.sum(dim=1).tolist() == [k] * H
     if policy == "attention":  # the slots the dense suffix attended to most
         for layer in range(L):
             top = record[layer][:, 4:].topk(k - 4, dim=1).indices + 4
@@ -83,7 +100,7 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
         kv = prefill(st.model, ids[:T - n], queries=True, pre_rope_keys=True)
         scores = Compactor().scorer(kv, CompressionContext(keep=k / (T - n)))(k / (T - n))
         for layer in range(L):
-            assert torch.equal(sparse.masks[layer], budget_mask(scores[layer], k, sink=4)), layer
+            assert torch.equal(sparse.masks[layer], budget_mask(scores[layer], k, sink=4, scope=scope)), layer
 
 
 def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corpus):
@@ -121,6 +138,7 @@ def test_the_self_teacher_is_the_students_own_dense_pass(tiny_llama, corpus):
     assert parts["self"][1] > 100 * max(parts["self"][0], 1e-9), parts
     # a run from before the setting (its checkpoint has no "teacher") resumes as the base teacher
     assert "teacher" not in CatConfig().resumable() and CatConfig(teacher="self").resumable()["teacher"] == "self"
+    assert "scope" not in CatConfig().resumable() and CatConfig(scope="layer").resumable()["scope"] == "layer"
 
 
 def test_a_recall_probe_repeats_the_prefix_and_is_lossless_when_everything_is_kept(tiny_llama, corpus):
@@ -231,7 +249,7 @@ def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no .txt/.md documents"):
         cat([str(empty)], tmp_path / "a", model=str(tiny_llama), **ARGS)
-    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)},
+    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"scope": "token"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)},
                 {"keep_range": (0.5, 0.2)}):
         with pytest.raises(ConfigError):
             cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), **(ARGS | bad))
@@ -285,11 +303,11 @@ def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
     out = tmp_path / "cli"
     result = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(out), "--model", str(tiny_llama),
                                       "--steps", "2", "--context", "128", "--policy", "random", "--teacher", "self",
-                                      "--json"])
+                                      "--scope", "layer", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["steps_run"] == 2
     settings = json.loads((out / "kvforge-cat.json").read_text())["training"]["settings"]
-    assert settings["policy"] == "random" and settings["teacher"] == "self"
+    assert settings["policy"] == "random" and settings["teacher"] == "self" and settings["scope"] == "layer"
     bad = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",
                                    str(tiny_llama), "--policy", "oracle"])
     assert bad.exit_code == 2 and "oracle" in bad.output

@@ -9,8 +9,9 @@ suffix (the ``n = T - s`` tokens after the split, at their own positions ``s..T-
 - the window's rows attend causally to the window: the dense pass, whose next-token loss keeps the
   model's uncompressed behaviour;
 - the copy's rows attend to the prefix slots the policy keeps, per layer and KV head (a ragged set: each
-  head its own tokens, ``k`` of them), and causally to the copy: the compressed pass, distilled towards
-  the frozen base model's dense predictions of the same tokens.
+  head its own tokens, ``k`` of them, or with scope ``layer`` ``k * Hkv`` over the layer's heads, so that
+  heads keep different counts as a ScoredCompressor's default selection gives them), and causally to the
+  copy: the compressed pass, distilled towards the frozen base model's dense predictions of the same tokens.
 
 So one forward over ``T + n`` tokens gives both passes. The policies (``k`` slots per head, the first
 ``sink`` always among them):
@@ -43,16 +44,25 @@ from ..prefill import KV
 
 TRAIN_ATTN = "kvforge_cat_train"
 POLICIES = ("random", "attention", "router", "compactor")
+SCOPES = ("head", "layer")
 
 
-def budget_mask(scores: torch.Tensor, k: int, sink: int) -> torch.Tensor:
-    """(Hkv, s) bool with exactly ``min(k, s)`` slots per head: the first ``sink`` and the top-scoring others."""
-    s = scores.shape[-1]
+def budget_mask(scores: torch.Tensor, k: int, sink: int, scope: str = "head") -> torch.Tensor:
+    """(Hkv, s) bool: every head's first ``sink`` slots and the top-scoring others.
+
+    scope "head":  exactly ``min(k, s)`` slots per head
+    scope "layer": exactly ``Hkv * min(k, s)`` over the layer's heads, one top-k over all of them (heads get
+                   different counts, as the compactor's selection at build time gives them)
+    """
+    H, s = scores.shape
     k = min(max(k, min(sink, s)), s)
     ranked = scores.detach().float().clone()
     ranked[:, : min(sink, s)] = torch.inf
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    mask.scatter_(1, torch.topk(ranked, k=k, dim=1, sorted=False).indices, True)
+    if scope == "layer":
+        mask.view(-1)[torch.topk(ranked.view(-1), k=H * k, sorted=False).indices] = True
+    else:
+        mask.scatter_(1, torch.topk(ranked, k=k, dim=1, sorted=False).indices, True)
     return mask
 
 
@@ -79,8 +89,10 @@ class Pass:
     """
 
     def __init__(self, window: int, split: int, k: int, policy: str, *, teacher: bool, sink: int = 4,
-                 record: list | None = None, router: Router | None = None, generator: torch.Generator | None = None):
+                 scope: str = "head", record: list | None = None, router: Router | None = None,
+                 generator: torch.Generator | None = None):
         self.T, self.s, self.k, self.policy, self.teacher, self.sink = window, split, k, policy, teacher, sink
+        self.scope = scope  # one of SCOPES: budget_mask's
         self.record = record  # teacher: filled with (Hkv, s) per layer; student "attention": read
         self.router, self.generator = router, generator
         self.masks: list[torch.Tensor] = []  # student: the (Hkv, s) mask each layer used
@@ -100,7 +112,7 @@ class Pass:
         else:
             scores = self.router(layer, prefix)
             bias = F.logsigmoid(scores)
-        mask = budget_mask(scores, self.k, self.sink)
+        mask = budget_mask(scores, self.k, self.sink, self.scope)
         self.masks.append(mask)
         return mask, bias
 
@@ -177,4 +189,4 @@ def install(model) -> None:
     model.set_attn_implementation(TRAIN_ATTN)
 
 
-__all__ = ["POLICIES", "Pass", "Router", "activate", "budget_mask", "forward", "install"]
+__all__ = ["POLICIES", "SCOPES", "Pass", "Router", "activate", "budget_mask", "forward", "install"]

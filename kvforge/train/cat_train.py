@@ -6,8 +6,8 @@ runs (kvforge.train.cat_policy):
 - the frozen base model (the LoRA switched off) over the window, dense: its predictions of the ``n``
   suffix tokens are the teacher, and its attention over the prefix is the ``attention`` policy's score;
 - the model with its LoRA over the window (dense) and a copy of the suffix that sees only the prefix
-  slots the policy keeps (``k = keep * s`` per layer and KV head, the keep drawn log-uniformly from
-  ``keep_range``).
+  slots the policy keeps (``k = keep * s`` per layer and KV head, or ``k`` per head on average over a
+  layer with ``scope`` "layer"; the keep drawn log-uniformly from ``keep_range``).
 
 A share ``recall`` of the steps are recall probes instead: the window's suffix is replaced by a copy of
 a span of its own prefix (the text repeated, as a question quotes its document), so the teacher
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..catmodel import CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir
 from ..containers import atomic_file
 from ..errors import ConfigError, UnsupportedModelError
-from .cat_policy import POLICIES, Pass, Router, forward, install
+from .cat_policy import POLICIES, SCOPES, Pass, Router, forward, install
 from .data import make_windows
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
                    training_corpus, warmup_cosine, write_losses)
@@ -59,6 +59,8 @@ class CatConfig:
 
     policy:      one of kvforge.train.cat_policy.POLICIES (random, attention, router, compactor)
     keep_range:  (lo, hi): each step's keep of the prefix slots, drawn log-uniformly; 0 < lo <= hi <= 1
+    scope:       one of kvforge.train.cat_policy.SCOPES: the keep per head ("head") or per layer, heads
+                 ragged as the compactor builds ("layer")
     suffix:      (lo, hi): tokens after the split, drawn uniformly (at most half the context)
     kl_weight, ntp_weight: the two terms of the loss
     ntp_tokens:  dense positions whose next-token loss is computed (the full-vocabulary head is costly)
@@ -83,6 +85,7 @@ class CatConfig:
     checkpoint_every: int = 25
     recall: float = 0.0
     teacher: str = "base"
+    scope: str = "head"
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -99,6 +102,8 @@ class CatConfig:
             raise ConfigError(f"--context {self.context}: use at least {max(128, 2 * a)} tokens")
         if self.steps < 1 or self.checkpoint_every < 1 or self.rank < 1 or self.ntp_tokens < 1:
             raise ConfigError("--steps, checkpoint_every, rank and ntp_tokens must be >= 1")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"--scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
         if not 0 <= self.recall <= 1:
@@ -129,6 +134,8 @@ class CatConfig:
         d["keep_range"], d["suffix"] = list(self.keep_range), list(self.suffix)
         if d["teacher"] == "base":  # the only teacher before it was a setting: those checkpoints still resume
             d.pop("teacher")
+        if d["scope"] == "head":  # likewise the only scope before it was a setting
+            d.pop("scope")
         return d
 
 
@@ -212,7 +219,8 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
             hidden = forward(model, Pass(T, s, k, cfg.policy, teacher=True, record=record), window)
             teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, record=record, router=st.router, generator=g)
+    sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, scope=cfg.scope, record=record,
+                  router=st.router, generator=g)
     positions = torch.arange(T + n, device=device)
     positions[T:] = torch.arange(s, T, device=device)
     hidden = forward(model, sparse, torch.cat([window, window[:, s:]], dim=1), positions[None])[0]

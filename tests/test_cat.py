@@ -68,7 +68,8 @@ def test_budget_mask_with_layer_scope_keeps_k_per_head_on_average_ragged_by_scor
             assert counts[0] > k > counts[1:].min()
 
 
-@pytest.mark.parametrize("policy,scope", [(p, "head") for p in POLICIES] + [("compactor", "layer"), ("random", "layer")])
+@pytest.mark.parametrize("policy,scope",
+                         [(p, "head") for p in POLICIES] + [("compactor", "layer"), ("random", "layer")])
 def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama, corpus, policy, scope):
     from kvforge.model import load_model
     from kvforge.prefill import prefill
@@ -249,8 +250,8 @@ def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no .txt/.md documents"):
         cat([str(empty)], tmp_path / "a", model=str(tiny_llama), **ARGS)
-    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"scope": "token"}, {"keep_range": (0.0, 0.5)}, {"keep_range": (0.2, 1.5)},
-                {"keep_range": (0.5, 0.2)}):
+    for bad in ({"policy": "oracle"}, {"teacher": "oracle"}, {"scope": "token"}, {"keep_range": (0.0, 0.5)},
+                {"keep_range": (0.2, 1.5)}, {"keep_range": (0.5, 0.2)}):
         with pytest.raises(ConfigError):
             cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), **(ARGS | bad))
     short = tmp_path / "short"

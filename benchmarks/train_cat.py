@@ -1,8 +1,9 @@
 """Train a CAT model on the eval's text sources (the shipped one: the tuning split's two Python sources).
 
-The shipped model (kvforge/adapters/cat-smollm2/) is a 600-step run on 1,024-token windows:
+The shipped model (kvforge/adapters/cat-smollm2/) is a 600-step run on 1,024-token windows, its masks
+selected per layer as the compactor builds:
 
-    python benchmarks/train_cat.py -o cat-1024 --policy compactor --steps 600 --context 1024
+    python benchmarks/train_cat.py -o cat-scope --policy compactor --steps 600 --context 1024 --scope layer
 
 Writes the sources' passages as .txt files into a temporary folder (benchmarks/train_distill.py's corpus
 writer, so both learned models see the same text; the same passages each time, so ``--resume`` finds the
@@ -19,7 +20,7 @@ from pathlib import Path
 from train_distill import write_corpus
 
 from kvforge.train import cat
-from kvforge.train.cat_policy import POLICIES
+from kvforge.train.cat_policy import POLICIES, SCOPES
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--policy", default="router", choices=POLICIES)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--scope", default="head", choices=SCOPES)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -39,7 +41,7 @@ def main() -> None:
         if args.corpus is None:
             print(f"{write_corpus(args.sources.split(','), folder, max_passages=args.max_passages)} passages in {folder}")
         report = cat([str(folder)], args.out, steps=args.steps, context=args.context, policy=args.policy,
-                     resume=args.resume, seed=args.seed)
+                     scope=args.scope, resume=args.resume, seed=args.seed)
     print(json.dumps(report, indent=2))
 
 

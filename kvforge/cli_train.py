@@ -94,7 +94,7 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
               help="every step's keep of the prefix is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.05,0.5]")
 @click.option("--scope", default=None, type=click.Choice(["head", "layer"]),
               help="the keep per KV head, or per layer with the heads' counts left to the policy's scores, as "
-                   "the compactor builds (ragged across heads)  [default: head]")
+                   "the compactor builds (ragged across heads; the shipped embedded-cat: layer)  [default: head]")
 @click.option("--steps", default=None, type=int, help="optimizer steps, one window each  [default: 600]")
 @click.option("--context", default=None, type=int,
               help="tokens per training window; documents shorter are skipped (the shipped embedded-cat: 1024, "

@@ -108,13 +108,16 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
               help="what the compressed tokens are distilled towards: the frozen base model's dense predictions, "
                    "or the model's own (what it is measured by: its compressed cache against its own full one; "
                    "it compressed no better and lost full-cache needles, BENCHMARKS.md section 10)  [default: base]")
+@click.option("--init", default=None, metavar="embedded-cat|DIR",
+              help="start from this CAT model of the same base model (its LoRA continued with a fresh optimizer "
+                   "and schedule), e.g. the shipped embedded-cat trained further on your own library")
 @click.option("--seed", default=0, show_default=True, type=int, help="windows, splits, keeps and initial weights")
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def cat(sources, out, model, policy, keep_range, scope, steps, context, lr, recall, teacher, seed, resume, as_json,
-        no_progress, device, compute_dtype):
+def cat(sources, out, model, policy, keep_range, scope, steps, context, lr, recall, teacher, init, seed, resume,
+        as_json, no_progress, device, compute_dtype):
     """Continue training a model on SOURCES so that its KV cache compresses better (KV-CAT).
 
     Each step masks most of a window's prefix for the tokens after a split (per layer and KV head, as
@@ -130,8 +133,8 @@ def cat(sources, out, model, policy, keep_range, scope, steps, context, lr, reca
     settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr,
                                       policy=policy, recall=recall, teacher=teacher, scope=scope).items()
                 if v is not None}
-    report = run(list(sources), out, model=model, resume=resume, seed=seed, device=device, compute_dtype=compute_dtype,
-                 progress=not no_progress and not as_json, **settings)
+    report = run(list(sources), out, model=model, init=init, resume=resume, seed=seed, device=device,
+                 compute_dtype=compute_dtype, progress=not no_progress and not as_json, **settings)
     if as_json:
         emit_json(report)
         return

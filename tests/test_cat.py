@@ -245,6 +245,45 @@ def test_a_killed_run_resumes_into_the_same_model(tiny_llama, corpus, tmp_path):
         cat([str(corpus)], killed, resume=True, **(args | {"context": 160}))
 
 
+def test_a_run_started_from_a_cat_model_continues_it(tiny_llama, cat_model, corpus, tmp_path):
+    from kvforge.catmodel import delta_sha256
+    from kvforge.model import load_model
+
+    base, merged = load_model(tiny_llama), load_model(cat_model)
+    st = CatStudent(base, CatConfig(context=128))
+    assert st.start_from(cat_model) == delta_sha256(cat_model)
+    ids = torch.tensor([base.encode_document("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():  # the student starts as that CAT model, not as the base
+        assert torch.allclose(st.model(input_ids=ids).logits, merged.model(input_ids=ids).logits, atol=1e-4)
+    out = tmp_path / "continued"
+    record = cat([str(corpus)], out, model=str(tiny_llama), init=str(cat_model), **ARGS)
+    assert record["init"] == delta_sha256(cat_model) and record["steps_run"] == 3
+    fresh = cat([str(corpus)], tmp_path / "fresh", model=str(tiny_llama), **ARGS)
+    # from the CAT model's weights, the first step's loss is the CAT model's, not a fresh LoRA's (which is the base)
+    first = [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()][0]
+    assert first["loss"] != json.loads((tmp_path / "fresh" / "losses.jsonl").read_text().splitlines()[0])["loss"]
+    assert fresh["init"] is None and load_model(out).info.weights_sha256 != merged.info.weights_sha256
+
+
+def test_a_bad_init_is_refused_before_training(tiny_llama, cat_model, corpus, tmp_path):
+    import shutil
+
+    with pytest.raises(ConfigError, match="not a CAT model"):
+        cat([str(corpus)], tmp_path / "a", model=str(tiny_llama), init=str(tmp_path / "nowhere"), **ARGS)
+    with pytest.raises(ConfigError, match="--resume"):
+        cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), init=str(cat_model), resume=True, **ARGS)
+    with pytest.raises(ConfigError, match="rank"):
+        cat([str(corpus)], tmp_path / "c", model=str(tiny_llama), init=str(cat_model), rank=4, **ARGS)
+    other = tmp_path / "other-base"
+    shutil.copytree(cat_model, other)
+    meta = json.loads((other / "kvforge-cat.json").read_text())
+    meta["base"]["weights_sha256"] = "0" * 64  # a CAT model of another base model
+    (other / "kvforge-cat.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleModelError, match="trained on"):
+        cat([str(corpus)], tmp_path / "d", model=str(tiny_llama), init=str(other), **ARGS)
+    assert not any((tmp_path / x).exists() for x in "abcd")  # nothing written
+
+
 def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -312,6 +351,9 @@ def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
     bad = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",
                                    str(tiny_llama), "--policy", "oracle"])
     assert bad.exit_code == 2 and "oracle" in bad.output
+    unknown = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",
+                                       str(tiny_llama), "--init", str(tmp_path / "nowhere")])
+    assert unknown.exit_code != 0 and "not a CAT model" in unknown.output and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.real

@@ -41,9 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..catmodel import CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir
+from ..catmodel import (CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir,
+                        read_cat_meta, shipped_cat_dir)
 from ..containers import atomic_file
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, FormatError, IncompatibleModelError, UnsupportedModelError
 from .cat_policy import POLICIES, SCOPES, Pass, Router, forward, install
 from .data import make_windows
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
@@ -185,15 +186,52 @@ class CatStudent:
         set_peft_model_state_dict(self.peft, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         self.router.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("router.")})
 
-    def delta(self) -> dict[str, torch.Tensor]:
-        """``NAME.A`` (r, in) and ``NAME.B`` (out, r) per adapted linear, NAME relative to the CausalLM."""
-        out = {}
+    def _lora(self):
+        """(NAME, A, B) per adapted linear: NAME relative to the CausalLM, A (r, in) and B (out, r) its LoRA weights."""
         for name, module in self.model.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
-                out[f"{name}.A"] = lora_a["default"].weight.detach().float().cpu().contiguous()
-                out[f"{name}.B"] = module.lora_B["default"].weight.detach().float().cpu().contiguous()
+                yield name, lora_a["default"].weight, module.lora_B["default"].weight
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """``NAME.A`` (r, in) and ``NAME.B`` (out, r) per adapted linear, NAME relative to the CausalLM."""
+        out = {}
+        for name, a, b in self._lora():
+            out[f"{name}.A"] = a.detach().float().cpu().contiguous()
+            out[f"{name}.B"] = b.detach().float().cpu().contiguous()
         return out
+
+    def start_from(self, directory: Path) -> str:
+        """Set the LoRA to the CAT model in ``directory``'s delta; returns that delta's sha256.
+
+        The CAT model must be trained on this base model (weights and tokenizer), with this rank, scale and
+        targets: the student then equals that CAT model, and training continues it with a fresh optimizer.
+        """
+        from safetensors.torch import load_file
+
+        meta, i = read_cat_meta(directory), self.lm.info
+        base, d = meta["base"], meta["delta"]
+        if (base.get("weights_sha256"), base.get("tokenizer_sha256")) != (i.weights_sha256, i.tokenizer_sha256):
+            raise IncompatibleModelError(
+                f"--init {directory}: that CAT model was trained on {base.get('name')!r} ({base.get('spec')}), not on "
+                f"{i.name} ({i.source}); pass --model {base.get('spec')}, or start from a CAT model of this base")
+        if d.get("rank") != self.cfg.rank or list(d.get("targets", ())) != list(TARGETS) \
+                or not math.isclose(float(d.get("scale", 0)), self.scale, rel_tol=1e-6):
+            raise ConfigError(f"--init {directory}: its LoRA (rank {d.get('rank')}, scale {d.get('scale')}, targets "
+                              f"{d.get('targets')}) is not this run's (rank {self.cfg.rank}, scale {self.scale:g}, "
+                              f"targets {list(TARGETS)}); train with its rank and alpha")
+        digest = delta_sha256(directory)
+        if digest != d.get("sha256"):
+            raise FormatError(f"{directory}: {DELTA_FILE} does not match the sha256 its {CAT_FILE} records")
+        delta = load_file(str(Path(directory) / DELTA_FILE))
+        with torch.no_grad():
+            for name, a, b in self._lora():
+                got_a, got_b = delta.get(f"{name}.A"), delta.get(f"{name}.B")
+                if got_a is None or got_b is None or got_a.shape != a.shape or got_b.shape != b.shape:
+                    raise FormatError(f"--init {directory}: its delta for {name!r} is missing or has the wrong shape")
+                a.copy_(got_a)
+                b.copy_(got_b)
+        return digest
 
 
 def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
@@ -237,17 +275,31 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
                   "keep": round(keep, 4), "kept": round(kept, 4), "split": s, "recall": recall is not None}
 
 
-def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool = True, device: str | None = None,
-              compute_dtype: str | None = None, **settings) -> dict:
+def resolve_init(spec: str | Path) -> Path:
+    """``embedded-cat`` (the shipped CAT model) or a CAT model directory to start from; a clear error otherwise."""
+    path = shipped_cat_dir() if str(spec) == EMBEDDED_CAT else Path(spec).expanduser().resolve()
+    if not is_cat_dir(path):
+        raise ConfigError(f"--init {spec}: not a CAT model (no {CAT_FILE} there); pass a directory written by "
+                          f"`kvforge train cat -o DIR`, or {EMBEDDED_CAT}")
+    return path
+
+
+def train_cat(sources, out, *, model=None, init: str | Path | None = None, resume: bool = False,
+              progress: bool = True, device: str | None = None, compute_dtype: str | None = None, **settings) -> dict:
     """Train a CAT model on ``sources`` into the directory ``out``; returns the run's record.
 
-    ``settings`` are :class:`CatConfig` fields. Bad input raises KvforgeError before the first step; a
-    loss that is not finite raises TrainingError at its step (the last good checkpoint is kept).
+    ``settings`` are :class:`CatConfig` fields. ``init``: a CAT model of the same base model to start from
+    (``embedded-cat`` or a directory: its LoRA continued, with a fresh optimizer and schedule). Bad input
+    raises KvforgeError before the first step; a loss that is not finite raises TrainingError at its step
+    (the last good checkpoint is kept).
     """
     from ..model import load_model
 
     cfg = CatConfig(**settings)
     out = Path(out)
+    if init is not None and resume:
+        raise ConfigError("--init and --resume: a resumed run continues from its checkpoint; pass one of them")
+    init_dir = resolve_init(init) if init is not None else None  # an unknown --init fails before the model loads
     lm = load_model(model, device=device, compute_dtype=compute_dtype)
     if lm.info.source == EMBEDDED_CAT or is_cat_dir(Path(lm.info.source)):
         raise ConfigError(f"--model {lm.info.source}: train cat continues a plain model; pass its base model instead")
@@ -256,6 +308,7 @@ def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool 
     checkpoint = check_run_dir(out, resume, CAT_FILE, "CAT model")
     prefix = lm.encode_document("")
     st = CatStudent(lm, cfg)
+    init_sha = st.start_from(init_dir) if init_dir is not None else None
     params = st.parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, history = 0, []
@@ -263,7 +316,7 @@ def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool 
         state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha)
         st.load_state(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
+        start, history, init_sha = state["step"], state["history"], state.get("init")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"cat ({cfg.policy})", unit="step", disable=not progress,
@@ -289,12 +342,13 @@ def train_cat(sources, out, *, model=None, resume: bool = False, progress: bool 
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out, {"step": step + 1, "history": history, "weights": st.state(),
                                   "optimizer": optimizer.state_dict(), "settings": cfg.resumable(),
-                                  "corpus_sha256": corpus_sha})
+                                  "corpus_sha256": corpus_sha, "init": init_sha})
             saved_step = step + 1
     bar.close()
     record = {"settings": cfg.resumable() | {"steps": cfg.steps}, "corpus_sha256": corpus_sha, "documents": len(texts),
-              "windows": len(windows), "too_short": short, "device": lm.device, "compute_dtype": lm.compute_dtype,
-              "seconds": round(time.perf_counter() - t0, 1), "steps_run": cfg.steps - start,
+              "windows": len(windows), "too_short": short, "init": init_sha, "device": lm.device,
+              "compute_dtype": lm.compute_dtype, "seconds": round(time.perf_counter() - t0, 1),
+              "steps_run": cfg.steps - start,
               "final_loss": mean_last(history, "loss"), "final_kl": mean_last(history, "kl"),
               "final_ntp": mean_last(history, "ntp")}
     if cfg.steps > start:
@@ -328,4 +382,4 @@ def _plot(out: Path, history: list) -> None:
     plot_losses(out, history, ("loss", "kl", "ntp"), "kvforge train cat")
 
 
-__all__ = ["TEACHERS", "CatConfig", "CatStudent", "step_loss", "train_cat"]
+__all__ = ["TEACHERS", "CatConfig", "CatStudent", "resolve_init", "step_loss", "train_cat"]

@@ -110,7 +110,8 @@ def distill(sources, out, model, steps, context, scorer, targets, keep_range, in
                    "it compressed no better and lost full-cache needles, BENCHMARKS.md section 10)  [default: base]")
 @click.option("--init", default=None, metavar="embedded-cat|DIR",
               help="start from this CAT model of the same base model (its LoRA continued with a fresh optimizer "
-                   "and schedule), e.g. the shipped embedded-cat trained further on your own library")
+                   "and schedule; the options not given here are the ones it was trained with, --steps and --seed "
+                   "excepted), e.g. the shipped embedded-cat trained further on your own library")
 @click.option("--seed", default=0, show_default=True, type=int, help="windows, splits, keeps and initial weights")
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")

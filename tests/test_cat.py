@@ -258,6 +258,10 @@ def test_a_run_started_from_a_cat_model_continues_it(tiny_llama, cat_model, corp
     out = tmp_path / "continued"
     record = cat([str(corpus)], out, model=str(tiny_llama), init=str(cat_model), **ARGS)
     assert record["init"] == delta_sha256(cat_model) and record["steps_run"] == 3
+    assert record["settings"]["lr"] == 3e-3  # not given: the CAT model's own (the default is 3e-4)
+    other = cat([str(corpus)], tmp_path / "other", model=str(tiny_llama), init=str(cat_model), lr=1e-4,
+                policy="random", **ARGS)
+    assert other["settings"]["lr"] == 1e-4 and other["settings"]["policy"] == "random"  # given: the run's
     fresh = cat([str(corpus)], tmp_path / "fresh", model=str(tiny_llama), **ARGS)
     # from the CAT model's weights, the first step's loss is the CAT model's, not a fresh LoRA's (which is the base)
     first = [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()][0]

@@ -284,22 +284,33 @@ def resolve_init(spec: str | Path) -> Path:
     return path
 
 
+def inherited_settings(init_dir: Path | None) -> dict:
+    """The settings a run started from the CAT model in ``init_dir`` takes from it unless given: all it recorded
+    (policy, context, keeps, scope, teacher, loss weights, learning rate, ...) but the steps and the seed."""
+    if init_dir is None:
+        return {}
+    recorded = read_cat_meta(init_dir).get("training", {}).get("settings", {})
+    fields = set(CatConfig.__dataclass_fields__) - {"steps", "seed"}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in fields}
+
+
 def train_cat(sources, out, *, model=None, init: str | Path | None = None, resume: bool = False,
               progress: bool = True, device: str | None = None, compute_dtype: str | None = None, **settings) -> dict:
     """Train a CAT model on ``sources`` into the directory ``out``; returns the run's record.
 
     ``settings`` are :class:`CatConfig` fields. ``init``: a CAT model of the same base model to start from
-    (``embedded-cat`` or a directory: its LoRA continued, with a fresh optimizer and schedule). Bad input
+    (``embedded-cat`` or a directory: its LoRA continued, with a fresh optimizer and schedule, and the settings
+    not given taken from its run, see :func:`inherited_settings`). Bad input
     raises KvforgeError before the first step; a loss that is not finite raises TrainingError at its step
     (the last good checkpoint is kept).
     """
     from ..model import load_model
 
-    cfg = CatConfig(**settings)
-    out = Path(out)
     if init is not None and resume:
         raise ConfigError("--init and --resume: a resumed run continues from its checkpoint; pass one of them")
     init_dir = resolve_init(init) if init is not None else None  # an unknown --init fails before the model loads
+    cfg = CatConfig(**(inherited_settings(init_dir) | settings))
+    out = Path(out)
     lm = load_model(model, device=device, compute_dtype=compute_dtype)
     if lm.info.source == EMBEDDED_CAT or is_cat_dir(Path(lm.info.source)):
         raise ConfigError(f"--model {lm.info.source}: train cat continues a plain model; pass its base model instead")
@@ -382,4 +393,4 @@ def _plot(out: Path, history: list) -> None:
     plot_losses(out, history, ("loss", "kl", "ntp"), "kvforge train cat")
 
 
-__all__ = ["TEACHERS", "CatConfig", "CatStudent", "resolve_init", "step_loss", "train_cat"]
+__all__ = ["TEACHERS", "CatConfig", "CatStudent", "inherited_settings", "resolve_init", "step_loss", "train_cat"]

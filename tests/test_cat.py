@@ -269,12 +269,28 @@ def test_a_run_started_from_a_cat_model_continues_it(tiny_llama, cat_model, corp
     assert fresh["init"] is None and load_model(out).info.weights_sha256 != merged.info.weights_sha256
 
 
+def test_a_killed_run_from_a_cat_model_resumes_with_its_own_command(tiny_llama, cat_model, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    args = dict(model=str(tiny_llama), init=str(cat_model), steps=40, checkpoint_every=4, progress=False)
+    whole = tmp_path / "whole"
+    cat([str(corpus)], whole, **args)  # the context (128) and the rest as cat_model was trained
+    killed = tmp_path / "killed"
+    kill_at_first_checkpoint("cat", corpus, killed, args, "kvforge-cat.json")
+    with pytest.raises(TrainingError, match="another model"):
+        cat([str(corpus)], killed, resume=True, **(args | {"init": str(whole)}))
+    record = cat([str(corpus)], killed, resume=True, **args)
+    a, b = load_file(str(whole / "delta.safetensors")), load_file(str(killed / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert record["init"] == json.loads((whole / "kvforge-cat.json").read_text())["training"]["init"]
+
+
 def test_a_bad_init_is_refused_before_training(tiny_llama, cat_model, corpus, tmp_path):
     import shutil
 
     with pytest.raises(ConfigError, match="not a CAT model"):
         cat([str(corpus)], tmp_path / "a", model=str(tiny_llama), init=str(tmp_path / "nowhere"), **ARGS)
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         cat([str(corpus)], tmp_path / "b", model=str(tiny_llama), init=str(cat_model), resume=True, **ARGS)
     with pytest.raises(ConfigError, match="rank"):
         cat([str(corpus)], tmp_path / "c", model=str(tiny_llama), init=str(cat_model), rank=4, **ARGS)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..catmodel import (CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir,
                         read_cat_meta, shipped_cat_dir)
 from ..containers import atomic_file
-from ..errors import ConfigError, FormatError, IncompatibleModelError, UnsupportedModelError
+from ..errors import ConfigError, FormatError, IncompatibleModelError, TrainingError, UnsupportedModelError
 from .cat_policy import POLICIES, SCOPES, Pass, Router, forward, install
 from .data import make_windows
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
@@ -300,14 +300,12 @@ def train_cat(sources, out, *, model=None, init: str | Path | None = None, resum
 
     ``settings`` are :class:`CatConfig` fields. ``init``: a CAT model of the same base model to start from
     (``embedded-cat`` or a directory: its LoRA continued, with a fresh optimizer and schedule, and the settings
-    not given taken from its run, see :func:`inherited_settings`). Bad input
-    raises KvforgeError before the first step; a loss that is not finite raises TrainingError at its step
-    (the last good checkpoint is kept).
+    not given taken from its run, see :func:`inherited_settings`); a killed run resumes with the same
+    arguments and ``resume=True``. Bad input raises KvforgeError before the first step; a loss that is not
+    finite raises TrainingError at its step (the last good checkpoint is kept).
     """
     from ..model import load_model
 
-    if init is not None and resume:
-        raise ConfigError("--init and --resume: a resumed run continues from its checkpoint; pass one of them")
     init_dir = resolve_init(init) if init is not None else None  # an unknown --init fails before the model loads
     cfg = CatConfig(**(inherited_settings(init_dir) | settings))
     out = Path(out)
@@ -327,6 +325,9 @@ def train_cat(sources, out, *, model=None, init: str | Path | None = None, resum
         state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha)
         st.load_state(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
+        if init_sha is not None and init_sha != state.get("init"):  # a killed run is resumed with its own command
+            raise TrainingError(f"{checkpoint} is a run started from another model than --init {init}; resume it "
+                                "with the --init it started from (or none, if it started from the base model)")
         start, history, init_sha = state["step"], state["history"], state.get("init")
     from tqdm.auto import tqdm
 

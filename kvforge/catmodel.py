@@ -56,6 +56,19 @@ def delta_sha256(directory: Path) -> str:
     return hashlib.sha256((Path(directory) / DELTA_FILE).read_bytes()).hexdigest()
 
 
+def read_delta(directory: Path, meta: dict) -> tuple[dict, str]:
+    """The delta's tensors (``NAME.A`` (r, in), ``NAME.B`` (out, r)) and sha256, checked against ``meta``."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / DELTA_FILE
+    if not path.is_file():
+        raise FormatError(f"{directory}: {DELTA_FILE} is missing; the CAT model is incomplete")
+    digest = delta_sha256(directory)
+    if digest != meta["delta"].get("sha256"):
+        raise FormatError(f"{directory}: {DELTA_FILE} does not match the sha256 its {CAT_FILE} records")
+    return load_file(str(path)), digest
+
+
 def cat_weights_sha256(base_weights_sha256: str, delta_sha: str) -> str:
     """The identity of base + delta (what artifacts built with the CAT model record)."""
     return hashlib.sha256(f"kvforge-cat:{base_weights_sha256}:{delta_sha}".encode()).hexdigest()
@@ -86,13 +99,10 @@ def load_cat(directory: Path, *, source: str, device: str, dtype: str, load_base
 
     ``load_base(spec, device, dtype)`` loads a fresh (uncached: it is changed in place) copy of the base.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = read_cat_meta(directory)
     base = meta["base"]
-    if not (directory / DELTA_FILE).is_file():
-        raise FormatError(f"{directory}: {DELTA_FILE} is missing; the CAT model is incomplete")
+    delta, digest = read_delta(directory, meta)
     try:
         lm = load_base(base["spec"], device, dtype)
     except ModelNotFoundError as exc:
@@ -104,10 +114,7 @@ def load_cat(directory: Path, *, source: str, device: str, dtype: str, load_base
             raise IncompatibleModelError(
                 f"the CAT model {directory} was trained on {base.get('name')!r} ({key} {str(base.get(key))[:12]}...), "
                 f"but {base['spec']} now has {have[:12]}...; retrain it with `kvforge train cat --model ...`")
-    merge_delta(lm.model, load_file(str(directory / DELTA_FILE)), float(meta["delta"]["scale"]))
-    digest = delta_sha256(directory)
-    if digest != meta["delta"].get("sha256"):
-        raise FormatError(f"{directory}: {DELTA_FILE} does not match the sha256 its {CAT_FILE} records")
+    merge_delta(lm.model, delta, float(meta["delta"]["scale"]))
     name = meta.get("name") or directory.name
     info = dataclasses.replace(lm.info, name=name, source=source,
                                weights_sha256=cat_weights_sha256(lm.info.weights_sha256, digest))
@@ -115,4 +122,4 @@ def load_cat(directory: Path, *, source: str, device: str, dtype: str, load_base
 
 
 __all__ = ["CAT_FILE", "DELTA_FILE", "EMBEDDED_CAT", "cat_weights_sha256", "is_cat_dir", "load_cat", "merge_delta",
-           "read_cat_meta", "shipped_cat_dir"]
+           "read_cat_meta", "read_delta", "shipped_cat_dir"]

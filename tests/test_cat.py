@@ -348,6 +348,27 @@ def test_a_cat_model_refuses_a_base_whose_weights_changed(tiny_llama, other_llam
         cat(["x"], tmp_path / "y", model=str(cat_model), **ARGS)
 
 
+def test_a_changed_or_missing_delta_is_refused_by_the_loader_and_by_init(tiny_llama, cat_model, corpus, tmp_path):
+    import shutil
+
+    from kvforge.errors import FormatError
+    from kvforge.model import load_model
+
+    changed = tmp_path / "changed"
+    shutil.copytree(cat_model, changed)
+    raw = bytearray((changed / "delta.safetensors").read_bytes())
+    raw[-1] ^= 0xFF  # one byte of the weights
+    (changed / "delta.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="does not match the sha256"):
+        load_model(changed)
+    with pytest.raises(FormatError, match="does not match the sha256"):
+        cat([str(corpus)], tmp_path / "a", model=str(tiny_llama), init=str(changed), **ARGS)
+    (changed / "delta.safetensors").unlink()
+    with pytest.raises(FormatError, match="is missing"):
+        load_model(changed)
+    assert not (tmp_path / "a").exists()
+
+
 def test_the_runtime_loads_a_cat_model_without_peft_or_the_training_side(cat_model):
     code = (f"import sys, kvforge.runtime\nfrom kvforge.model import load_model\nload_model({str(cat_model)!r})\n"
             "print(' '.join(sys.modules))")

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..catmodel import (CAT_FILE, DELTA_FILE, EMBEDDED_CAT, FORMAT, FORMAT_VERSION, delta_sha256, is_cat_dir,
-                        read_cat_meta, shipped_cat_dir)
+                        read_cat_meta, read_delta, shipped_cat_dir)
 from ..containers import atomic_file
 from ..errors import ConfigError, FormatError, IncompatibleModelError, TrainingError, UnsupportedModelError
 from .cat_policy import POLICIES, SCOPES, Pass, Router, forward, install
@@ -207,8 +207,6 @@ class CatStudent:
         The CAT model must be trained on this base model (weights and tokenizer), with this rank, scale and
         targets: the student then equals that CAT model, and training continues it with a fresh optimizer.
         """
-        from safetensors.torch import load_file
-
         meta, i = read_cat_meta(directory), self.lm.info
         base, d = meta["base"], meta["delta"]
         if (base.get("weights_sha256"), base.get("tokenizer_sha256")) != (i.weights_sha256, i.tokenizer_sha256):
@@ -220,10 +218,7 @@ class CatStudent:
             raise ConfigError(f"--init {directory}: its LoRA (rank {d.get('rank')}, scale {d.get('scale')}, targets "
                               f"{d.get('targets')}) is not this run's (rank {self.cfg.rank}, scale {self.scale:g}, "
                               f"targets {list(TARGETS)}); train with its rank and alpha")
-        digest = delta_sha256(directory)
-        if digest != d.get("sha256"):
-            raise FormatError(f"{directory}: {DELTA_FILE} does not match the sha256 its {CAT_FILE} records")
-        delta = load_file(str(Path(directory) / DELTA_FILE))
+        delta, digest = read_delta(directory, meta)
         with torch.no_grad():
             for name, a, b in self._lora():
                 got_a, got_b = delta.get(f"{name}.A"), delta.get(f"{name}.B")

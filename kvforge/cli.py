@@ -337,7 +337,8 @@ def methods(as_json):
               help="haystack texts, comma-separated (default: python-reference); see kvforge/eval/sources.py")
 @click.option("--split", type=click.Choice(SPLITS), default=None,
               help="every text source of a split, each with its split's needle wordings: choose defaults on "
-                   "tuning, report on heldout")
+                   "tuning, choose among trained models on validation (text no shipped model trained on), report "
+                   "on heldout")
 @click.option("--phrasings", type=click.Choice(list(PHRASING_SETS)), default=None,
               help="needle wording set (default: classic on python-reference alone, else each source's split)")
 @click.option("--against", default="", help="'kvpress' for its five presses, or kvpress:Press1,Press2 (needs the bench extra)")

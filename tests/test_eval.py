@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from kvforge.cli import cli
+from kvforge.errors import ConfigError
 from kvforge.eval.tasks import KINDS, generate
 from kvforge.model import load_model
 
@@ -72,6 +76,30 @@ def test_eval_keep_auto(tmp_path, tiny_llama):
     assert bad.exit_code == 2 and "not a number" in bad.output
 
 
+def test_validation_text_is_neither_trained_on_nor_held_out():
+    """debian-docs, the text trained models are chosen on, holds no held-out kind of file and no training text."""
+    from kvforge.eval import sources
+
+    src = sources.SOURCES["debian-docs"]
+    keys = src.keys()
+    if not keys:
+        pytest.skip("no /usr/share/doc documentation on this machine")
+    assert src.split == "validation" and sources.of_split("validation") == ["debian-docs"]
+    assert "debian-docs" not in sources.of_split("tuning") + sources.of_split("heldout")
+    for key in keys:
+        rel = key.lower()
+        assert not any(word in rel for word in ("changelog", "copyright", "news", "relnotes"))
+        assert not Path(key).name.startswith("API")
+    html = [k for k in keys if k.endswith(".html")]
+    assert html and not any(re.search(r"</?(html|body|div|p|a|span)\b", src.read(k)) for k in html[:10])
+    licenses = " ".join(" ".join(sources.SOURCES["licenses"].read(k).split()) for k in sources.SOURCES["licenses"].keys())
+    for key in keys[::25]:
+        words = src.read(key).split()
+        assert not any(" ".join(words[i:i + 12]) in licenses for i in range(0, max(len(words) - 12, 1), 150))
+    with pytest.raises(ConfigError, match="validation"):
+        sources.of_split("train")
+
+
 def test_the_wider_suite_splits_text_and_wording(tiny_llama):
     from kvforge.eval import phrasings, sources
 
@@ -81,11 +109,13 @@ def test_the_wider_suite_splits_text_and_wording(tiny_llama):
     tasks = generate(lm.tokenizer, ["niah_number", "niah_multihop", "niah_multiquery"], lengths=[300], samples=2,
                      seed=1, sources=present)
     for t in tasks:
-        assert t.split == sources.SOURCES[t.source].split and t.phrasings == t.split
+        assert t.split == sources.SOURCES[t.source].split
+        assert t.phrasings == ("heldout" if t.split == "heldout" else "tuning")  # validation: tuning wordings
         assert all(a in t.context for a in t.answers), t.id
     held = [t for t in tasks if t.split == "heldout"]
     tuned = [t for t in tasks if t.split == "tuning"]
     assert held and tuned
+    assert bool([t for t in tasks if t.split == "validation"]) == ("debian-docs" in present)
     # nothing held out was seen while tuning: neither a key nor a wording
     assert not {k.lower() for k in phrasings.HELDOUT_KEYS} & {k.lower() for k in phrasings.TUNING_KEYS}
     assert not {p.statement for p in phrasings.HELDOUT} & {p.statement for p in phrasings.TUNING}

@@ -139,6 +139,9 @@ def plots(summary: dict, out: Path, budgets: dict | None = None) -> list[str]:
     return made
 
 
+_SPLIT_ROLE = {"tuning": "defaults are chosen here", "validation": "trained models are chosen here"}
+
+
 def by_split(rows: list[dict]) -> dict:
     """{split: {source: summary}}: a table per text source, under its split (tuning / heldout), plus ``all``
     per split; empty when every row comes from one source (the report's main table says it all)."""
@@ -158,7 +161,7 @@ def split_markdown(splits: dict) -> str:
     lines = []
     for split, per_source in splits.items():
         names = [s for s in per_source if s != "all"]
-        lines += ["", f"## {split} split ({'defaults are chosen here' if split == 'tuning' else 'report these'}): "
+        lines += ["", f"## {split} split ({_SPLIT_ROLE.get(split, 'report these')}): "
                   f"{', '.join(names)}", "", markdown(per_source["all"]).split("\n\n")[0]]
         for src in names:
             lines += ["", f"### {split}: {src}", "", markdown(per_source[src]).split("\n\n")[0]]

@@ -11,7 +11,14 @@ python-docstrings  tuning    docstrings of pure-Python standard-library modules
 licenses           heldout   legal prose: ``/usr/share/common-licenses`` (Debian base-files)
 changelogs         heldout   Debian package changelogs (``/usr/share/doc/*/changelog*.gz``)
 manpages           heldout   section-1 manual pages, roff markup stripped (``/usr/share/man``)
+debian-docs        validation  Debian package documentation (``/usr/share/doc``: READMEs, text, markdown,
+                               html), not changelogs or copyright files
 =================  ========  =============================================================
+
+``validation`` text is for choosing among trained models (``kvforge train``): neither a training corpus nor held
+out, worded with the ``tuning`` phrasings. The ``tuning`` sources are the shipped models' training text, so a
+model that fits it better wins there whether or not it compresses other text better. Files that are or may be
+held-out text in another form are left out (see ``_debian_docs``).
 
 A haystack is consecutive passages from a seeded starting passage, cut to a token length at
 a sentence end, followed by the text that comes next (for continuation KL).
@@ -28,7 +35,7 @@ from typing import Callable
 
 from ..errors import ConfigError
 
-SPLITS = ("tuning", "heldout")
+SPLITS = ("tuning", "heldout", "validation")
 CONTINUATION_TOKENS = 64
 MAX_PASSAGE_CHARS = 40_000  # one long file must not be the whole haystack of every task that starts on it
 
@@ -55,6 +62,11 @@ class Source:
 
     def keys(self) -> list:
         return _keys(self.name)
+
+    @property
+    def wording(self) -> str:
+        """The needle wording set of this source's split: held-out text gets held-out wordings, the rest tuning."""
+        return "heldout" if self.split == "heldout" else "tuning"
 
     def passage(self, i: int) -> str:
         key = self.keys()[i]
@@ -112,6 +124,46 @@ def _read_gz(path) -> str:
         return _clean(fh.read(4 * MAX_PASSAGE_CHARS))
 
 
+_DOC_NAMES = ("README*", "*.txt", "*.txt.gz", "*.md", "*.md.gz", "*.html")
+_NOT_DOCS = re.compile(r"changelog|copyright|news|relnotes|release", re.I)  # the changelogs' kind of text
+
+
+def _debian_docs() -> list:
+    """Debian's package documentation files of at least 6 KB, leaving out what is or may be held-out text:
+    changelog-like files (changelogs, NEWS, release notes), copyright notices, a file named as a section-1 man
+    page (``git-subtree.txt`` is ``git-subtree.1`` in another markup), and a file that shares a 12-word run
+    (probed every 150 words) with one of the licenses; an html page beside its own markdown or text is dropped
+    as a duplicate."""
+    base = Path("/usr/share/doc")
+    if not base.is_dir():
+        return []
+    man1 = {p.name.split(".")[0] for p in Path("/usr/share/man/man1").glob("*.1.gz")}
+    found = {p for pattern in _DOC_NAMES for p in base.rglob(pattern)
+             if p.is_file() and p.stat().st_size >= 6000 and not _NOT_DOCS.search(str(p.relative_to(base)))
+             and p.name.split(".")[0] not in man1 and not p.name.startswith("API")}  # API*.html: identifier lists
+    stems = {(p.parent, p.name.split(".")[0]) for p in found if not p.name.endswith(".html")}
+    found = sorted(str(p) for p in found  # an html page beside its own markdown or text is the same text twice
+                   if not (p.name.endswith(".html") and (p.parent, p.name.split(".")[0]) in stems))
+    licenses = "\n".join(" ".join(_read_text(k).split()) for k in SOURCES["licenses"].keys())
+
+    def overlaps(words: list) -> bool:
+        return any(" ".join(words[i:i + 12]) in licenses for i in range(0, max(len(words) - 12, 1), 150))
+    return [path for path in found if not overlaps(_read_doc(path).split())]
+
+
+def _read_doc(path) -> str:
+    """A documentation file as text: gzip undone, html tags dropped and entities decoded."""
+    import html
+
+    path = str(path)
+    text = _read_gz(path) if path.endswith(".gz") else Path(path).read_text(encoding="utf-8", errors="replace")
+    if path.endswith(".html"):
+        text = re.sub(r"(?is)<(script|style)\b.*?</\1>", "", text)
+        text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+        text = re.sub(r"[ \t]{2,}", " ", text)
+    return _clean(text)
+
+
 _ROFF_FONT = re.compile(r"\\f(\[[^\]]*\]|\(..|.)")
 _ROFF_ESCAPE = re.compile(r"\\(\(..|\[[^\]]*\]|[-&|^e0 ])")
 
@@ -146,6 +198,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            _files("*/changelog*.gz", "/usr/share/doc", 4000), _read_gz, "Debian packages with their /usr/share/doc"),
     Source("manpages", "heldout", "section-1 manual pages, roff stripped",
            _files("*.1.gz", "/usr/share/man/man1", 6000), _read_man, "Debian's man pages (package manpages)"),
+    Source("debian-docs", "validation", "Debian package documentation in /usr/share/doc, not changelogs",
+           _debian_docs, _read_doc, "Debian packages with their /usr/share/doc"),
 ]}
 
 
@@ -162,7 +216,7 @@ def _passage(name: str, key: str) -> str:
 def of_split(split: str) -> list[str]:
     """The sources of a split, in table order."""
     if split not in SPLITS:
-        raise ConfigError(f"split must be {' or '.join(SPLITS)}, got {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     return [s.name for s in SOURCES.values() if s.split == split]
 
 

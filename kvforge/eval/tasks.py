@@ -41,8 +41,12 @@ class Task:
 
     @property
     def split(self) -> str:
-        """``heldout`` only when both the text and the wording are held out; else ``tuning``."""
-        return "heldout" if SOURCES[self.source].split == "heldout" and self.phrasings == "heldout" else "tuning"
+        """``heldout`` only when both the text and the wording are held out; ``validation`` for validation text
+        not in held-out wording; else ``tuning``."""
+        split = SOURCES[self.source].split
+        if split == "heldout":
+            return "heldout" if self.phrasings == "heldout" else "tuning"
+        return "validation" if split == "validation" and self.phrasings != "heldout" else "tuning"
 
     def score(self, prediction: str) -> float:
         """Fraction of expected answers found in the prediction (case-insensitive)."""
@@ -153,12 +157,12 @@ def generate(tokenizer, kinds=KINDS, lengths=(1024, 2048), samples: int = 2, see
     """``samples`` tasks of every kind at every length over every source, seeded.
 
     phrasings: the wording set; None gives ``classic`` on python-reference alone (the first suite) and
-    otherwise each source's own split (``tuning`` wordings on tuning text, ``heldout`` on held-out text).
+    otherwise each source's own (``heldout`` wordings on held-out text, ``tuning`` on the rest).
     """
     legacy = list(sources) == ["python-reference"]
     out = []
     for source in sources:
-        wording = phrasings or ("classic" if legacy else SOURCES[source].split)
+        wording = phrasings or ("classic" if legacy else SOURCES[source].wording)
         out += [make_task(kind, tokenizer, n, seed, i, source, wording)
                 for n in lengths for kind in kinds for i in range(samples)]
     return out

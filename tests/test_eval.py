@@ -132,6 +132,8 @@ def test_the_first_suite_is_unchanged(tiny_llama):
 
 
 def test_eval_reports_per_split(tmp_path, tiny_llama):
+    from kvforge.eval import sources
+
     args = ["eval", "--methods", "knorm", "--keep", "0.5", "--tasks", "niah_number", "--sources",
             "python-reference,licenses", "--lengths", "300", "--samples", "1", "--max-new-tokens", "3",
             "--model", str(tiny_llama), "--out", str(tmp_path / "ev"), "--no-progress", "--json"]
@@ -144,3 +146,9 @@ def test_eval_reports_per_split(tmp_path, tiny_llama):
     assert "## heldout split" in report and "### tuning: python-reference" in report
     bad = CliRunner().invoke(cli, args[:-2] + ["--split", "heldout", "--json"])
     assert bad.exit_code != 0 and "not both" in bad.output
+    if sources.SOURCES["debian-docs"].keys():  # the validation split, beside the tuning split
+        args[args.index("--sources") + 1] = "python-reference,debian-docs"
+        r = CliRunner().invoke(cli, args[:-4] + ["--out", str(tmp_path / "val"), "--no-progress", "--json"])
+        assert r.exit_code == 0, r.output
+        assert set(json.loads(r.output)["splits"]) == {"tuning", "validation"}
+        assert "## validation split (trained models are chosen here)" in (tmp_path / "val" / "report.md").read_text()

@@ -143,8 +143,8 @@ _SPLIT_ROLE = {"tuning": "defaults are chosen here", "validation": "trained mode
 
 
 def by_split(rows: list[dict]) -> dict:
-    """{split: {source: summary}}: a table per text source, under its split (tuning / heldout), plus ``all``
-    per split; empty when every row comes from one source (the report's main table says it all)."""
+    """{split: {source: summary}}: a table per text source, under its split (tuning / heldout / validation),
+    plus ``all`` per split; empty when every row comes from one source (the report's main table says it all)."""
     sources = sorted({r.get("source", "python-reference") for r in rows})
     if len(sources) < 2:
         return {}

@@ -50,7 +50,8 @@ def parse_methods(value: str) -> list[str]:
 
 
 def parse_sources(sources: str | None, split: str | None) -> list[str]:
-    """``--sources a,b`` or ``--split tuning|heldout|validation`` (every source of that split); neither: python-reference."""
+    """``--sources a,b`` or ``--split tuning|heldout|validation`` (every source of that split); neither:
+    python-reference."""
     from .sources import check_sources, of_split
 
     if sources and split:

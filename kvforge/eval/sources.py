@@ -3,17 +3,17 @@
 Each source is a sequence of passages read from the machine (nothing downloads), each with
 a split: defaults are chosen on ``tuning`` sources and reported on ``heldout`` ones.
 
-=================  ========  =============================================================
-source             split     text
-=================  ========  =============================================================
-python-reference   tuning    Python's language reference (``pydoc_data.topics``)
-python-docstrings  tuning    docstrings of pure-Python standard-library modules
-licenses           heldout   legal prose: ``/usr/share/common-licenses`` (Debian base-files)
-changelogs         heldout   Debian package changelogs (``/usr/share/doc/*/changelog*.gz``)
-manpages           heldout   section-1 manual pages, roff markup stripped (``/usr/share/man``)
-debian-docs        validation  Debian package documentation (``/usr/share/doc``: READMEs, text, markdown,
-                               html), not changelogs or copyright files
-=================  ========  =============================================================
+=================  ==========  ===========================================================
+source             split       text
+=================  ==========  ===========================================================
+python-reference   tuning      Python's language reference (``pydoc_data.topics``)
+python-docstrings  tuning      docstrings of pure-Python standard-library modules
+licenses           heldout     legal prose: ``/usr/share/common-licenses`` (Debian base-files)
+changelogs         heldout     Debian package changelogs (``/usr/share/doc/*/changelog*.gz``)
+manpages           heldout     section-1 manual pages, roff markup stripped (``/usr/share/man``)
+debian-docs        validation  Debian package documentation (``/usr/share/doc``: READMEs, text,
+                               markdown, html), not changelogs or copyright files
+=================  ==========  ===========================================================
 
 ``validation`` text is for choosing among trained models (``kvforge train``): neither a training corpus nor held
 out, worded with the ``tuning`` phrasings. The ``tuning`` sources are the shipped models' training text, so a

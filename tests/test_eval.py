@@ -77,7 +77,8 @@ def test_eval_keep_auto(tmp_path, tiny_llama):
 
 
 def test_validation_text_is_neither_trained_on_nor_held_out():
-    """debian-docs, the text trained models are chosen on, holds no held-out kind of file and no training text."""
+    """debian-docs, the text trained models are chosen on, holds no changelog-like, copyright or license text, its
+    own split only, and its html pages come as plain text."""
     from kvforge.eval import sources
 
     src = sources.SOURCES["debian-docs"]

@@ -20,6 +20,8 @@ import random
 import re
 from pathlib import Path
 
+from kvforge.eval import sources as S
+
 ROOTS = ("/usr/share/perl", "/usr/share/perl5")
 _ESCAPES = {"gt": ">", "lt": "<", "verbar": "|", "sol": "/", "quot": '"', "amp": "&"}
 _CODE = re.compile(r"[BCIFSXZ]<(?:<+\s(.*?)\s>+|([^<>]*))>", re.S)
@@ -48,19 +50,6 @@ def pod_text(source: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def heldout_text() -> str:
-    """Every held-out passage of the eval on this machine, whitespace-normalized, in one string."""
-    from kvforge.eval import sources as S
-
-    return "\n".join(" ".join(src.read(k).split()) for src in S.SOURCES.values() if src.split == "heldout"
-                     for k in src.keys())
-
-
-def overlaps(text: str, heldout: str) -> bool:
-    words = text.split()
-    return any(" ".join(words[i:i + 12]) in heldout for i in range(50, max(len(words) - 12, 50), 150))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
@@ -72,13 +61,13 @@ def main() -> None:
     random.Random("perl-pod").shuffle(paths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = heldout_text()
+    heldout = S.flat_text(S.of_split("heldout"))
     n = chars = left = 0
     for path in paths:
         text = pod_text(path.read_text(encoding="utf-8", errors="replace"))
         if len(text) < args.min_chars:
             continue
-        if overlaps(text[:40_000], heldout):
+        if S.shares_run(text[:40_000], heldout, start=50):
             left += 1
             continue
         name = "perl-pod-" + "_".join(path.with_suffix("").parts[-3:])

@@ -144,11 +144,8 @@ def _debian_docs() -> list:
     stems = {(p.parent, p.name.split(".")[0]) for p in found if not p.name.endswith(".html")}
     found = sorted(str(p) for p in found  # an html page beside its own markdown or text is the same text twice
                    if not (p.name.endswith(".html") and (p.parent, p.name.split(".")[0]) in stems))
-    licenses = "\n".join(" ".join(_read_text(k).split()) for k in SOURCES["licenses"].keys())
-
-    def overlaps(words: list) -> bool:
-        return any(" ".join(words[i:i + 12]) in licenses for i in range(0, max(len(words) - 12, 1), 150))
-    return [path for path in found if not overlaps(_read_doc(path).split())]
+    licenses = flat_text(["licenses"])
+    return [path for path in found if not shares_run(_read_doc(path), licenses)]
 
 
 def _read_doc(path) -> str:
@@ -211,6 +208,19 @@ def _keys(name: str) -> list:
 @lru_cache(maxsize=256)
 def _passage(name: str, key: str) -> str:
     return SOURCES[name].read(key)
+
+
+def flat_text(names) -> str:
+    """Every passage of the named sources on this machine, whitespace-normalized, one per line (for
+    :func:`shares_run`)."""
+    return "\n".join(" ".join(SOURCES[n].read(k).split()) for n in names for k in SOURCES[n].keys())
+
+
+def shares_run(text: str, flat: str, start: int = 0, run: int = 12, every: int = 150) -> bool:
+    """Whether ``text`` shares a ``run``-word stretch with ``flat`` (:func:`flat_text`), probed every ``every``
+    words from word ``start``: how text that must not be eval text is kept apart from it."""
+    words = text.split()
+    return any(" ".join(words[i:i + run]) in flat for i in range(start, max(len(words) - run, start + 1), every))
 
 
 def of_split(split: str) -> list[str]:

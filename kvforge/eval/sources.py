@@ -137,13 +137,15 @@ def _debian_docs() -> list:
     base = Path("/usr/share/doc")
     if not base.is_dir():
         return []
-    man1 = {p.name.split(".")[0] for p in Path("/usr/share/man/man1").glob("*.1.gz")}
+    def stem(p: Path) -> str:
+        return p.name.split(".")[0]
+    man1 = {stem(p) for p in Path("/usr/share/man/man1").glob("*.1.gz")}
     found = {p for pattern in _DOC_NAMES for p in base.rglob(pattern)
              if p.is_file() and p.stat().st_size >= 6000 and not _NOT_DOCS.search(str(p.relative_to(base)))
-             and p.name.split(".")[0] not in man1 and not p.name.startswith("API")}  # API*.html: identifier lists
-    stems = {(p.parent, p.name.split(".")[0]) for p in found if not p.name.endswith(".html")}
+             and stem(p) not in man1 and not p.name.startswith("API")}  # API*.html: identifier lists
+    texts = {(p.parent, stem(p)) for p in found if p.suffix != ".html"}
     found = sorted(str(p) for p in found  # an html page beside its own markdown or text is the same text twice
-                   if not (p.name.endswith(".html") and (p.parent, p.name.split(".")[0]) in stems))
+                   if not (p.suffix == ".html" and (p.parent, stem(p)) in texts))
     licenses = flat_text(["licenses"])
     return [path for path in found if not shares_run(_read_doc(path), licenses)]
 

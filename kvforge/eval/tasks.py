@@ -41,12 +41,10 @@ class Task:
 
     @property
     def split(self) -> str:
-        """``heldout`` only when both the text and the wording are held out; ``validation`` for validation text
-        not in held-out wording; else ``tuning``."""
+        """The text's split when the wording is held out exactly when the text is (``heldout`` needs both held
+        out; ``validation`` text in held-out wording is neither); else ``tuning``."""
         split = SOURCES[self.source].split
-        if split == "heldout":
-            return "heldout" if self.phrasings == "heldout" else "tuning"
-        return "validation" if split == "validation" and self.phrasings != "heldout" else "tuning"
+        return split if (self.phrasings == "heldout") == (split == "heldout") else "tuning"
 
     def score(self, prediction: str) -> float:
         """Fraction of expected answers found in the prediction (case-insensitive)."""

@@ -104,6 +104,62 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
             assert torch.equal(sparse.masks[layer], budget_mask(scores[layer], k, sink=4, scope=scope)), layer
 
 
+@pytest.mark.parametrize("scope", ["layer", "head"])
+def test_the_straight_through_selection_keeps_the_hard_forward_and_gives_the_scores_a_gradient(tiny_llama, corpus,
+                                                                                             scope):
+    """select_temp > 0: the same masks and loss as the plain compactor selection, and a gradient that differs
+    from the plain one (it also flows through the compactor's scores); the weights equal the mask exactly."""
+    from kvforge.model import load_model
+    from kvforge.train.cat_policy import straight_through
+
+    lm = load_model(tiny_llama)
+    ids = _windows(lm, corpus)[0]
+    loss, grads, masks = {}, {}, {}
+    for temp in (0.0, 0.25):
+        st = CatStudent(lm, CatConfig(policy="compactor", context=128, scope=scope, select_temp=temp))
+        with torch.no_grad():
+            for p in st.parameters():  # LoRA B starts at zero; make A's gradient depend on the scores too
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        captured = []
+        original = Pass.slots
+
+        def spy(self, *args):
+            out = original(self, *args)
+            captured.append(out)
+            return out
+
+        cat_policy.Pass.slots = spy
+        try:
+            value, _ = step_loss(st, ids, 32, 0.2, step=0)
+        finally:
+            cat_policy.Pass.slots = original
+        value.backward()
+        loss[temp] = float(value.detach())
+        grads[temp] = torch.cat([p.grad.flatten() for p in st.parameters()])
+        masks[temp] = [m for m, _, _ in captured]
+        weights = [w for _, _, w in captured]
+        if temp == 0:
+            assert all(w is None for w in weights)
+        else:
+            assert all(w is not None and w.requires_grad and torch.equal(w.detach(), m.float())
+                       for m, _, w in captured)
+    assert all(torch.equal(a, b) for a, b in zip(masks[0.0], masks[0.25]))
+    assert loss[0.25] == pytest.approx(loss[0.0], rel=1e-5)
+    assert bool(torch.isfinite(grads[0.25]).all())
+    assert float((grads[0.25] - grads[0.0]).norm()) > 1e-3 * float(grads[0.0].norm())
+    # the weights' gradient is the sigmoid's around the threshold: largest next to it, none for the protected
+    z = torch.tensor([[float("inf"), 3.0, 1.1, 0.9, -2.0]], requires_grad=True)
+    w = straight_through(z, torch.tensor([[True, True, True, False, False]]), 0.5, scope)
+    assert w.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+    w.sum().backward()
+    g = z.grad[0]
+    assert g[0] == 0 and g[2] > g[1] > g[4] > 0 and g[3] > g[4]
+    with pytest.raises(ConfigError, match="compactor"):
+        CatConfig(policy="router", select_temp=0.25)
+    with pytest.raises(ConfigError, match="temperature"):
+        CatConfig(policy="compactor", select_temp=-1.0)
+
+
 def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corpus):
     """With every prefix slot kept (and no bias), the suffix copy is the dense suffix: KL 0 at the start."""
     from kvforge.model import load_model

@@ -25,6 +25,13 @@ compactor  the slots kvforge's compactor would keep of the prefix, scored on the
            and keys of the dense pass (its leverage and chunked attention, with its defaults): training
            against the post-hoc method itself, as the model will be compressed after training
 
+With ``select_temp`` > 0 (compactor only) the selection also gets a gradient, straight through: the copy's
+rows weigh each prefix slot's exp(logit) by ``w = hard + soft - soft.detach()``, where ``hard`` is the
+kept mask (1 / 0) and ``soft = sigmoid((score - threshold) / (select_temp * std))`` (the threshold midway
+between the last kept and the first dropped score, std that of the layer's scores). The forward is the
+hard selection's, exactly; the backward tells each slot near the threshold whether keeping it would have
+lowered the loss, through the compactor's scores into the keys, queries and values that make them.
+
 Shapes: masks and scores (Hkv, s) per layer; the attention function's query (1, Hq, S, D), key and
 value (1, Hkv, S, D), output (1, S, Hq, D).
 """
@@ -90,19 +97,21 @@ class Pass:
 
     def __init__(self, window: int, split: int, k: int, policy: str, *, teacher: bool, sink: int = 4,
                  scope: str = "head", record: list | None = None, router: Router | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, select_temp: float = 0.0):
         self.T, self.s, self.k, self.policy, self.teacher, self.sink = window, split, k, policy, teacher, sink
         self.scope = scope  # one of SCOPES: budget_mask's
+        self.select_temp = select_temp  # > 0: the compactor's selection straight through (module docstring)
         self.record = record  # teacher: filled with (Hkv, s) per layer; student "attention": read
         self.router, self.generator = router, generator
         self.masks: list[torch.Tensor] = []  # student: the (Hkv, s) mask each layer used
         self.pre_keys: list[torch.Tensor] = []  # student "compactor": each layer's (Hkv, T + n, D) pre-RoPE keys
 
     def slots(self, layer: int, query: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The kept mask (Hkv, s) and the kept slots' bias (Hkv, s) or None, for the copy's rows."""
+              value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """For the copy's rows: the kept mask (Hkv, s), the kept slots' bias (Hkv, s) or None, and the
+        straight-through weights (Hkv, s) or None (equal to the mask, with the selection's gradient)."""
         prefix = value[0, :, : self.s]  # (Hkv, s, D)
-        bias = None
+        bias = weight = None
         if self.policy == "random":
             scores = torch.rand(prefix.shape[:2], generator=self.generator).to(prefix.device)
         elif self.policy == "attention":
@@ -114,18 +123,49 @@ class Pass:
             bias = F.logsigmoid(scores)
         mask = budget_mask(scores, self.k, self.sink, self.scope)
         self.masks.append(mask)
-        return mask, bias
+        if self.select_temp > 0 and scores.requires_grad:
+            weight = straight_through(scores, mask, self.select_temp, self.scope)
+        return mask, bias, weight
 
     def _compactor(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """The compactor's scores (Hkv, s) of the prefix at this pass's keep (no gradient: a selection)."""
-        s = self.s
-        with torch.no_grad():
-            kv = KV(keys=key[:, :, :s].detach().float().cpu(), values=value[:, :, :s].detach().float().cpu(),
-                    queries=query[:, :, :s].detach().float().cpu(),
-                    keys_pre_rope=self.pre_keys[layer][None, :, :s].detach().float().cpu())  # L = 1
+        """The compactor's scores (Hkv, s) of the prefix at this pass's keep; with a gradient only when the
+        selection is straight through (``select_temp`` > 0), else a plain selection."""
+        s, grad = self.s, self.select_temp > 0 and torch.is_grad_enabled()
+
+        def part(x):  # (1, H, S, D) -> the prefix's (1, H, s, D) in float32 on the CPU, as a build scores it
+            x = x[:, :, :s].float().cpu()
+            return x if grad else x.detach()
+
+        with torch.set_grad_enabled(grad):
+            kv = KV(keys=part(key), values=part(value), queries=part(query),
+                    keys_pre_rope=part(self.pre_keys[layer][None]))  # L = 1
             keep = self.k / s
             scores = Compactor().scorer(kv, CompressionContext(seed=0, keep=keep))(keep)[0]  # a default build's sketch
         return scores.to(value.device)
+
+
+def straight_through(scores: torch.Tensor, mask: torch.Tensor, temp: float, scope: str = "layer") -> torch.Tensor:
+    """(Hkv, s) weights equal to ``mask`` (1 kept, 0 dropped) whose gradient is that of
+    sigmoid((scores - threshold) / (temp * std)), per selection (the layer's heads together with scope "layer",
+    each head with "head"): the threshold midway between its lowest kept and highest dropped finite score, std
+    that of its finite scores. The protected slots score inf and get no gradient."""
+    hard = mask.float()
+    z = scores.float()
+    finite = torch.isfinite(z.detach())
+    rows = [slice(None)] if scope == "layer" else [slice(h, h + 1) for h in range(z.shape[0])]
+    threshold, width = torch.zeros_like(hard), torch.ones_like(hard)
+    moves = torch.zeros_like(finite)
+    for r in rows:
+        zd, f, m = z.detach()[r], finite[r], mask[r]
+        kept, dropped = zd[m & f], zd[~m & f]
+        if kept.numel() == 0 or dropped.numel() == 0:
+            continue  # nothing near a threshold to move
+        threshold[r] = 0.5 * (float(kept.min()) + float(dropped.max()))
+        width[r] = temp * float(zd[f].std().clamp_min(1e-6))
+        moves[r] = f
+    soft = torch.sigmoid((torch.where(moves, z, threshold) - threshold) / width)
+    soft = torch.where(moves, soft, hard)
+    return hard + (soft - soft.detach())  # exactly the mask forward: soft - soft is 0
 
 
 _active: Pass | None = None
@@ -155,16 +195,21 @@ def _cat_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         p.record.append(probs[0, :, :, :s].sum(dim=1).view(key.shape[1], group, s).sum(dim=1))  # (Hkv, s)
         return dense.transpose(1, 2).contiguous(), None
     n = query.shape[2] - T
-    mask, bias = p.slots(layer, query, key, value)
+    mask, bias, weight = p.slots(layer, query, key, value)
     cols = torch.cat([k[:, :, :s], k[:, :, T:]], dim=2)  # the prefix slots and the copy
     vals = torch.cat([v[:, :, :s], v[:, :, T:]], dim=2)
     logits = torch.matmul(query[:, :, T:], cols.transpose(-1, -2)).float() * scale  # (1, Hq, n, s + n)
     add = torch.zeros(key.shape[1], n, s + n, device=query.device)
-    add[:, :, :s] = torch.where(mask, 0.0 if bias is None else bias, -torch.inf)[:, None, :]
+    if weight is None:
+        add[:, :, :s] = torch.where(mask, 0.0 if bias is None else bias, -torch.inf)[:, None, :]
     add[:, :, s:] = torch.zeros(n, n, device=query.device).masked_fill(
         ~torch.ones(n, n, dtype=torch.bool, device=query.device).tril(), -torch.inf)
-    logits = logits + add.repeat_interleave(group, dim=0)[None]
-    copy = torch.matmul(torch.softmax(logits, dim=-1).to(vals.dtype), vals)  # (1, Hq, n, D)
+    probs = torch.softmax(logits + add.repeat_interleave(group, dim=0)[None], dim=-1)
+    if weight is not None:  # every prefix slot in the softmax, then weighed: the kept ones' probabilities renormalized
+        w = torch.cat([weight.to(probs.device), torch.ones(weight.shape[0], n, device=probs.device)], dim=1)
+        probs = probs * w.repeat_interleave(group, dim=0)[None, :, None, :]
+        probs = probs / probs.sum(-1, keepdim=True)
+    copy = torch.matmul(probs.to(vals.dtype), vals)  # (1, Hq, n, D)
     return torch.cat([dense, copy], dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -189,4 +234,5 @@ def install(model) -> None:
     model.set_attn_implementation(TRAIN_ATTN)
 
 
-__all__ = ["POLICIES", "SCOPES", "Pass", "Router", "activate", "budget_mask", "forward", "install"]
+__all__ = ["POLICIES", "SCOPES", "Pass", "Router", "activate", "budget_mask", "forward", "install",
+           "straight_through"]

@@ -67,6 +67,8 @@ class CatConfig:
     ntp_tokens:  dense positions whose next-token loss is computed (the full-vocabulary head is costly)
     recall:      share of steps whose suffix repeats a span of the prefix (a recall probe), in [0, 1]
     teacher:     one of TEACHERS: what the sparse copy is distilled towards (see the module docstring)
+    select_temp: > 0 (the compactor policy only): its selection also learns, straight through, with this
+                 temperature in units of the scores' std (kvforge.train.cat_policy); 0: a plain selection
     """
 
     steps: int = 600
@@ -87,6 +89,7 @@ class CatConfig:
     recall: float = 0.0
     teacher: str = "base"
     scope: str = "head"
+    select_temp: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -107,6 +110,11 @@ class CatConfig:
             raise ConfigError(f"--scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
+        if not (self.select_temp >= 0 and math.isfinite(self.select_temp)):
+            raise ConfigError(f"select_temp {self.select_temp}: a temperature >= 0 (0: a plain selection)")
+        if self.select_temp > 0 and self.policy != "compactor":
+            raise ConfigError(f"select_temp {self.select_temp}: only the compactor policy's selection is learned "
+                              f"straight through, not {self.policy!r}'s; use --policy compactor or select_temp 0")
         if not 0 <= self.recall <= 1:
             raise ConfigError(f"--recall {self.recall}: a share of the steps, in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.kl_weight < 0 or self.ntp_weight < 0:
@@ -137,6 +145,8 @@ class CatConfig:
             d.pop("teacher")
         if d["scope"] == "head":  # likewise the only scope before it was a setting
             d.pop("scope")
+        if d["select_temp"] == 0:  # and the only selection
+            d.pop("select_temp")
         return d
 
 
@@ -253,7 +263,7 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
             teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, scope=cfg.scope, record=record,
-                  router=st.router, generator=g)
+                  router=st.router, generator=g, select_temp=cfg.select_temp)
     positions = torch.arange(T + n, device=device)
     positions[T:] = torch.arange(s, T, device=device)
     hidden = forward(model, sparse, torch.cat([window, window[:, s:]], dim=1), positions[None])[0]

@@ -27,10 +27,11 @@ compactor  the slots kvforge's compactor would keep of the prefix, scored on the
 
 With ``select_temp`` > 0 (compactor only) the selection also gets a gradient, straight through: the copy's
 rows weigh each prefix slot's exp(logit) by ``w = hard + soft - soft.detach()``, where ``hard`` is the
-kept mask (1 / 0) and ``soft = sigmoid((score - threshold) / (select_temp * std))`` (the threshold midway
-between the last kept and the first dropped score, std that of the layer's scores). The forward is the
-hard selection's, exactly; the backward tells each slot near the threshold whether keeping it would have
-lowered the loss, through the compactor's scores into the keys, queries and values that make them.
+kept mask (1 / 0) and ``soft = sigmoid((score - threshold) / (select_temp * std))`` (per selection, the
+layer's or the head's as the scope says: the threshold midway between its last kept and first dropped score,
+std that of its scores). The forward is the hard selection's, exactly; the backward tells each slot near
+the threshold whether keeping it would have lowered the loss, through the compactor's scores into the
+keys, queries and values that make them.
 
 Shapes: masks and scores (Hkv, s) per layer; the attention function's query (1, Hq, S, D), key and
 value (1, Hkv, S, D), output (1, S, Hq, D).

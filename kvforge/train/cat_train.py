@@ -141,12 +141,9 @@ class CatConfig:
         d = asdict(self)
         d.pop("steps")
         d["keep_range"], d["suffix"] = list(self.keep_range), list(self.suffix)
-        if d["teacher"] == "base":  # the only teacher before it was a setting: those checkpoints still resume
-            d.pop("teacher")
-        if d["scope"] == "head":  # likewise the only scope before it was a setting
-            d.pop("scope")
-        if d["select_temp"] == 0:  # and the only selection
-            d.pop("select_temp")
+        for key, before in (("teacher", "base"), ("scope", "head"), ("select_temp", 0.0)):
+            if d[key] == before:  # the only value before it was a setting: those checkpoints still resume
+                d.pop(key)
         return d
 
 

@@ -106,7 +106,7 @@ def test_every_policy_keeps_the_asked_budget_in_every_layer_and_head(tiny_llama,
 
 @pytest.mark.parametrize("scope", ["layer", "head"])
 def test_the_straight_through_selection_keeps_the_hard_forward_and_gives_the_scores_a_gradient(tiny_llama, corpus,
-                                                                                             scope):
+                                                                                             scope, monkeypatch):
     """select_temp > 0: the same masks and loss as the plain compactor selection, and a gradient that differs
     from the plain one (it also flows through the compactor's scores); the weights equal the mask exactly."""
     from kvforge.model import load_model
@@ -114,25 +114,22 @@ def test_the_straight_through_selection_keeps_the_hard_forward_and_gives_the_sco
 
     lm = load_model(tiny_llama)
     ids = _windows(lm, corpus)[0]
+    captured: list = []  # every layer's (mask, bias, weights), as the attention got them
+    original = Pass.slots
+
+    def spy(self, *args):
+        captured.append(original(self, *args))
+        return captured[-1]
+
+    monkeypatch.setattr(Pass, "slots", spy)
     loss, grads, masks = {}, {}, {}
     for temp in (0.0, 0.25):
         st = CatStudent(lm, CatConfig(policy="compactor", context=128, scope=scope, select_temp=temp))
         with torch.no_grad():
             for p in st.parameters():  # LoRA B starts at zero; make A's gradient depend on the scores too
                 p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        captured = []
-        original = Pass.slots
-
-        def spy(self, *args):
-            out = original(self, *args)
-            captured.append(out)
-            return out
-
-        cat_policy.Pass.slots = spy
-        try:
-            value, _ = step_loss(st, ids, 32, 0.2, step=0)
-        finally:
-            cat_policy.Pass.slots = original
+        captured.clear()
+        value, _ = step_loss(st, ids, 32, 0.2, step=0)
         value.backward()
         loss[temp] = float(value.detach())
         grads[temp] = torch.cat([p.grad.flatten() for p in st.parameters()])

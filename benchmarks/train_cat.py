@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--ntp-weight", type=float, default=None, help="the next-token loss's weight (default 0.5)")
     ap.add_argument("--select-temp", type=float, default=None,
                     help="the compactor policy's selection learned straight through at this temperature (default 0: not)")
+    ap.add_argument("--select-grad", type=float, default=None,
+                    help="that straight-through gradient's scale (default 1)")
     ap.add_argument("--init", default=None, help="a CAT model to continue (embedded-cat or a directory)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -44,7 +46,8 @@ def main() -> None:
         folder = Path(args.corpus or tmp)
         if args.corpus is None:
             print(f"{write_corpus(args.sources.split(','), folder, max_passages=args.max_passages)} passages in {folder}")
-        extra = {k: v for k, v in (("ntp_weight", args.ntp_weight), ("select_temp", args.select_temp)) if v is not None}
+        extra = {k: v for k, v in (("ntp_weight", args.ntp_weight), ("select_temp", args.select_temp),
+                                           ("select_grad", args.select_grad)) if v is not None}
         report = cat([str(folder)], args.out, steps=args.steps, context=args.context, policy=args.policy,
                      scope=args.scope, init=args.init, resume=args.resume, seed=args.seed, **extra)
     print(json.dumps(report, indent=2))

@@ -151,10 +151,17 @@ def test_the_straight_through_selection_keeps_the_hard_forward_and_gives_the_sco
     w.sum().backward()
     g = z.grad[0]
     assert g[0] == 0 and g[2] > g[1] > g[4] > 0 and g[3] > g[4]
+    z.grad = None  # select_grad scales that gradient and nothing else
+    w = straight_through(z, torch.tensor([[True, True, True, False, False]]), 0.5, scope, scale=0.25)
+    assert w.tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+    w.sum().backward()
+    assert torch.allclose(z.grad[0], 0.25 * g)
     with pytest.raises(ConfigError, match="compactor"):
         CatConfig(policy="router", select_temp=0.25)
     with pytest.raises(ConfigError, match="temperature"):
         CatConfig(policy="compactor", select_temp=-1.0)
+    with pytest.raises(ConfigError, match="select_grad"):
+        CatConfig(policy="compactor", select_temp=0.25, select_grad=float("nan"))
 
 
 def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corpus):

@@ -31,7 +31,8 @@ kept mask (1 / 0) and ``soft = sigmoid((score - threshold) / (select_temp * std)
 layer's or the head's as the scope says: the threshold midway between its last kept and first dropped score,
 std that of its scores). The forward is the hard selection's, exactly; the backward tells each slot near
 the threshold whether keeping it would have lowered the loss, through the compactor's scores into the
-keys, queries and values that make them.
+keys, queries and values that make them. ``select_grad`` scales that gradient (``w = hard + g * (soft -
+soft.detach())``; 1 as is, below 1 a weaker push on the selection against the rest of the loss).
 
 Shapes: masks and scores (Hkv, s) per layer; the attention function's query (1, Hq, S, D), key and
 value (1, Hkv, S, D), output (1, S, Hq, D).
@@ -98,10 +99,11 @@ class Pass:
 
     def __init__(self, window: int, split: int, k: int, policy: str, *, teacher: bool, sink: int = 4,
                  scope: str = "head", record: list | None = None, router: Router | None = None,
-                 generator: torch.Generator | None = None, select_temp: float = 0.0):
+                 generator: torch.Generator | None = None, select_temp: float = 0.0, select_grad: float = 1.0):
         self.T, self.s, self.k, self.policy, self.teacher, self.sink = window, split, k, policy, teacher, sink
         self.scope = scope  # one of SCOPES: budget_mask's
         self.select_temp = select_temp  # > 0: the compactor's selection straight through (module docstring)
+        self.select_grad = select_grad  # that gradient's scale
         self.record = record  # teacher: filled with (Hkv, s) per layer; student "attention": read
         self.router, self.generator = router, generator
         self.masks: list[torch.Tensor] = []  # student: the (Hkv, s) mask each layer used
@@ -125,7 +127,7 @@ class Pass:
         mask = budget_mask(scores, self.k, self.sink, self.scope)
         self.masks.append(mask)
         if self.select_temp > 0 and scores.requires_grad:
-            weight = straight_through(scores, mask, self.select_temp, self.scope)
+            weight = straight_through(scores, mask, self.select_temp, self.scope, self.select_grad)
         return mask, bias, weight
 
     def _compactor(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -145,8 +147,9 @@ class Pass:
         return scores.to(value.device)
 
 
-def straight_through(scores: torch.Tensor, mask: torch.Tensor, temp: float, scope: str = "layer") -> torch.Tensor:
-    """(Hkv, s) weights equal to ``mask`` (1 kept, 0 dropped) whose gradient is that of
+def straight_through(scores: torch.Tensor, mask: torch.Tensor, temp: float, scope: str = "layer",
+                     scale: float = 1.0) -> torch.Tensor:
+    """(Hkv, s) weights equal to ``mask`` (1 kept, 0 dropped) whose gradient is ``scale`` times that of
     sigmoid((scores - threshold) / (temp * std)), per selection (the layer's heads together with scope "layer",
     each head with "head"): the threshold midway between its lowest kept and highest dropped finite score, std
     that of its finite scores. The protected slots score inf and get no gradient."""
@@ -166,7 +169,7 @@ def straight_through(scores: torch.Tensor, mask: torch.Tensor, temp: float, scop
         moves[r] = f
     soft = torch.sigmoid((torch.where(moves, z, threshold) - threshold) / width)
     soft = torch.where(moves, soft, hard)
-    return hard + (soft - soft.detach())  # exactly the mask forward: soft - soft is 0
+    return hard + scale * (soft - soft.detach())  # exactly the mask forward: soft - soft is 0
 
 
 _active: Pass | None = None

@@ -69,6 +69,7 @@ class CatConfig:
     teacher:     one of TEACHERS: what the sparse copy is distilled towards (see the module docstring)
     select_temp: > 0 (the compactor policy only): its selection also learns, straight through, with this
                  temperature in units of the scores' std (kvforge.train.cat_policy); 0: a plain selection
+    select_grad: that gradient's scale (1: as is; below 1 a weaker push on the selection)
     """
 
     steps: int = 600
@@ -90,6 +91,7 @@ class CatConfig:
     teacher: str = "base"
     scope: str = "head"
     select_temp: float = 0.0
+    select_grad: float = 1.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -110,8 +112,8 @@ class CatConfig:
             raise ConfigError(f"--scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
-        if not (self.select_temp >= 0 and math.isfinite(self.select_temp)):
-            raise ConfigError(f"select_temp {self.select_temp}: a temperature >= 0 (0: a plain selection)")
+        if not all(x >= 0 and math.isfinite(x) for x in (self.select_temp, self.select_grad)):
+            raise ConfigError(f"select_temp {self.select_temp} (a temperature), select_grad {self.select_grad}: >= 0")
         if self.select_temp > 0 and self.policy != "compactor":
             raise ConfigError(f"select_temp {self.select_temp}: only the compactor policy's selection is learned "
                               f"straight through, not {self.policy!r}'s; use --policy compactor or select_temp 0")
@@ -141,7 +143,7 @@ class CatConfig:
         d = asdict(self)
         d.pop("steps")
         d["keep_range"], d["suffix"] = list(self.keep_range), list(self.suffix)
-        for key, before in (("teacher", "base"), ("scope", "head"), ("select_temp", 0.0)):
+        for key, before in (("teacher", "base"), ("scope", "head"), ("select_temp", 0.0), ("select_grad", 1.0)):
             if d[key] == before:  # the only value before it was a setting: those checkpoints still resume
                 d.pop(key)
         return d
@@ -245,8 +247,7 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
     (ids: T tokens either way).
     """
     cfg, model = st.cfg, st.model
-    T = len(ids)
-    s = T - n
+    T, s = len(ids), len(ids) - n
     if recall is not None:
         a = cfg.sink + int(recall * max(0, s - n - cfg.sink))
         ids = ids[:s] + ids[a:a + n]
@@ -260,7 +261,7 @@ def step_loss(st: CatStudent, ids: list[int], n: int, keep: float, step: int,
             teacher = torch.log_softmax(model.lm_head(hidden[0, s:T - 1]).float(), dim=-1)  # (n - 1, V): x_{s+1..T-1}
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     sparse = Pass(T, s, k, cfg.policy, teacher=False, sink=cfg.sink, scope=cfg.scope, record=record,
-                  router=st.router, generator=g, select_temp=cfg.select_temp)
+                  router=st.router, generator=g, select_temp=cfg.select_temp, select_grad=cfg.select_grad)
     positions = torch.arange(T + n, device=device)
     positions[T:] = torch.arange(s, T, device=device)
     hidden = forward(model, sparse, torch.cat([window, window[:, s:]], dim=1), positions[None])[0]

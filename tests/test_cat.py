@@ -158,7 +158,7 @@ def test_the_straight_through_selection_keeps_the_hard_forward_and_gives_the_sco
     assert torch.allclose(z.grad[0], 0.25 * g)
     with pytest.raises(ConfigError, match="compactor"):
         CatConfig(policy="router", select_temp=0.25)
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ConfigError, match="select_temp -1.0"):
         CatConfig(policy="compactor", select_temp=-1.0)
     with pytest.raises(ConfigError, match="select_grad"):
         CatConfig(policy="compactor", select_temp=0.25, select_grad=float("nan"))

@@ -113,7 +113,7 @@ class CatConfig:
         if self.teacher not in TEACHERS:
             raise ConfigError(f"--teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}")
         if not all(x >= 0 and math.isfinite(x) for x in (self.select_temp, self.select_grad)):
-            raise ConfigError(f"select_temp {self.select_temp} (a temperature), select_grad {self.select_grad}: >= 0")
+            raise ConfigError(f"select_temp {self.select_temp}, select_grad {self.select_grad}: need finite values >= 0")
         if self.select_temp > 0 and self.policy != "compactor":
             raise ConfigError(f"select_temp {self.select_temp}: only the compactor policy's selection is learned "
                               f"straight through, not {self.policy!r}'s; use --policy compactor or select_temp 0")

@@ -38,6 +38,7 @@ def main() -> None:
                     help="the compactor policy's selection learned straight through at this temperature (default 0: not)")
     ap.add_argument("--select-grad", type=float, default=None,
                     help="that straight-through gradient's scale (default 1)")
+    ap.add_argument("--lr", type=float, default=None, help="the peak learning rate (default 3e-4)")
     ap.add_argument("--init", default=None, help="a CAT model to continue (embedded-cat or a directory)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -46,7 +47,8 @@ def main() -> None:
         folder = Path(args.corpus or tmp)
         if args.corpus is None:
             print(f"{write_corpus(args.sources.split(','), folder, max_passages=args.max_passages)} passages in {folder}")
-        given = (("ntp_weight", args.ntp_weight), ("select_temp", args.select_temp), ("select_grad", args.select_grad))
+        given = (("ntp_weight", args.ntp_weight), ("select_temp", args.select_temp), ("select_grad", args.select_grad),
+                 ("lr", args.lr))
         extra = {k: v for k, v in given if v is not None}
         report = cat([str(folder)], args.out, steps=args.steps, context=args.context, policy=args.policy,
                      scope=args.scope, init=args.init, resume=args.resume, seed=args.seed, **extra)

@@ -162,6 +162,8 @@ def test_the_straight_through_selection_keeps_the_hard_forward_and_gives_the_sco
         CatConfig(policy="compactor", select_temp=-1.0)
     with pytest.raises(ConfigError, match="select_grad"):
         CatConfig(policy="compactor", select_temp=0.25, select_grad=float("nan"))
+    with pytest.raises(ConfigError, match="select_grad 0.3 does nothing without select_temp"):
+        CatConfig(policy="compactor", select_grad=0.3)  # a scale with no learned selection to scale
 
 
 def test_the_sparse_copy_at_keep_one_predicts_as_the_dense_pass(tiny_llama, corpus):

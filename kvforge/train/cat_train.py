@@ -117,6 +117,8 @@ class CatConfig:
         if self.select_temp > 0 and self.policy != "compactor":
             raise ConfigError(f"select_temp {self.select_temp}: only the compactor policy's selection is learned "
                               f"straight through, not {self.policy!r}'s; use --policy compactor or select_temp 0")
+        if self.select_grad != 1 and self.select_temp == 0:
+            raise ConfigError(f"select_grad {self.select_grad} does nothing without select_temp > 0; set both")
         if not 0 <= self.recall <= 1:
             raise ConfigError(f"--recall {self.recall}: a share of the steps, in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.kl_weight < 0 or self.ntp_weight < 0:
@@ -363,9 +365,7 @@ def train_cat(sources, out, *, model=None, init: str | Path | None = None, resum
     record = {"settings": cfg.resumable() | {"steps": cfg.steps}, "corpus_sha256": corpus_sha, "documents": len(texts),
               "windows": len(windows), "too_short": short, "init": init_sha, "device": lm.device,
               "compute_dtype": lm.compute_dtype, "seconds": round(time.perf_counter() - t0, 1),
-              "steps_run": cfg.steps - start,
-              "final_loss": mean_last(history, "loss"), "final_kl": mean_last(history, "kl"),
-              "final_ntp": mean_last(history, "ntp")}
+              "steps_run": cfg.steps - start, **{f"final_{k}": mean_last(history, k) for k in ("loss", "kl", "ntp")}}
     if cfg.steps > start:
         record["seconds_per_step"] = round(record["seconds"] / (cfg.steps - start), 3)
     digest = save_cat(out, st, lm, record)

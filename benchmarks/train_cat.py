@@ -47,9 +47,8 @@ def main() -> None:
         folder = Path(args.corpus or tmp)
         if args.corpus is None:
             print(f"{write_corpus(args.sources.split(','), folder, max_passages=args.max_passages)} passages in {folder}")
-        given = (("ntp_weight", args.ntp_weight), ("select_temp", args.select_temp), ("select_grad", args.select_grad),
-                 ("lr", args.lr))
-        extra = {k: v for k, v in given if v is not None}
+        optional = ("ntp_weight", "select_temp", "select_grad", "lr")  # unset: the default, or --init's setting
+        extra = {k: getattr(args, k) for k in optional if getattr(args, k) is not None}
         report = cat([str(folder)], args.out, steps=args.steps, context=args.context, policy=args.policy,
                      scope=args.scope, init=args.init, resume=args.resume, seed=args.seed, **extra)
     print(json.dumps(report, indent=2))

@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: kvforge train distill's")
     ap.add_argument("--context", type=int, default=None, help="default: kvforge train distill's")
     ap.add_argument("--targets", type=int, default=None, help="default: kvforge train distill's")
+    ap.add_argument("--keep-range", default=None, help="LO,HI; default: kvforge train distill's")
+    ap.add_argument("--lr", type=float, default=None, help="default: kvforge train distill's")
     ap.add_argument("--init", default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -77,8 +79,9 @@ def main() -> None:
         exclude = eval_snippets(names, args.exclude_eval_samples) if args.exclude_eval_samples else None
         n = write_corpus(names, folder, args.holdout, args.max_passages, exclude)
         print(f"{n} passages in {folder}")
-        settings = {k: v for k, v in dict(steps=args.steps, context=args.context, targets=args.targets).items()
-                    if v is not None}
+        settings = {k: getattr(args, k) for k in ("steps", "context", "targets", "lr") if getattr(args, k) is not None}
+        if args.keep_range:
+            settings["keep_range"] = tuple(float(x) for x in args.keep_range.split(","))
         report = distill([str(folder)], args.out, init=args.init, resume=args.resume, seed=args.seed, **settings)
     print(json.dumps(report, indent=2))
 

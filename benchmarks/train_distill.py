@@ -81,7 +81,7 @@ def main() -> None:
         print(f"{n} passages in {folder}")
         settings = {k: getattr(args, k) for k in ("steps", "context", "targets", "lr") if getattr(args, k) is not None}
         if args.keep_range:
-            settings["keep_range"] = tuple(float(x) for x in args.keep_range.split(","))
+            settings["keep_range"] = args.keep_range.split(",")  # TrainConfig turns LO,HI into numbers and checks them
         report = distill([str(folder)], args.out, init=args.init, resume=args.resume, seed=args.seed, **settings)
     print(json.dumps(report, indent=2))
 

@@ -194,6 +194,17 @@ def test_bad_input_is_refused_before_training(tiny_llama, corpus, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_fine_tune_keeps_the_init_adapters_shape(tiny_llama, tiny_adapter, corpus, tmp_path):
+    for asked in ({"rank": 16}, {"scorer": "token"}):
+        with pytest.raises(ConfigError, match=f"keeps the adapter's shape.*{next(iter(asked))}"):
+            distill([str(corpus)], tmp_path / "d", model=str(tiny_llama), steps=1, context=128,
+                    init=str(tiny_adapter), progress=False, **asked)
+    assert not (tmp_path / "d").exists()
+    run = distill([str(corpus)], tmp_path / "e", model=str(tiny_llama), steps=1, context=128, targets=3,
+                  scorer_epochs=1, init=str(tiny_adapter), rank=8, progress=False)
+    assert run["settings"]["rank"] == 8 and run["settings"]["scorer"] == "entry"
+
+
 def test_a_loss_that_becomes_nan_stops_at_that_step_and_keeps_the_checkpoint(tiny_llama, corpus, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="the loss became") as info:

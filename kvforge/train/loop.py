@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .adapter import CONFIG_FILE, SCORERS, DistillModel, default_config, load_adapter, read_meta, resolve_adapter
+from .adapter import (CONFIG_FILE, SCORERS, DistillModel, default_config, load_adapter, read_config, read_meta,
+                      resolve_adapter)
 from .data import ExampleMaker, make_windows, parse_mix
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
                    training_corpus, warmup_cosine, write_losses)
@@ -111,10 +112,10 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     """
     from ..model import load_model
 
+    if init is not None:  # an unknown --init fails before the model loads; its rank and scorer are the run's
+        settings = {**_init_shape(init, settings), **settings}
     cfg = TrainConfig(**settings)
     out = Path(out)
-    if init is not None:
-        resolve_adapter(init)  # an unknown --init fails before the model loads
     lm = load_model(model, device=device, compute_dtype=compute_dtype)
     texts, corpus_sha = training_corpus(sources)
     windows, short = make_windows(lm, texts, cfg.context)
@@ -191,6 +192,17 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     _plot(out, history)
     (out / TARGETS_FILE).unlink(missing_ok=True)  # the scorer's teacher, cached for a killed run only
     return {"adapter": str(out), "adapter_sha256": digest, **record}
+
+
+def _init_shape(init: str, settings: dict) -> dict:
+    """The ``--init`` adapter's rank and scorer, which a fine-tune keeps; a clear error if ``settings`` ask otherwise."""
+    got = read_config(resolve_adapter(init))
+    shape = {"rank": got.rank, "scorer": got.scorer}
+    clash = [f"{k} {settings[k]!r} (it has {v!r})" for k, v in shape.items() if k in settings and settings[k] != v]
+    if clash:
+        raise ConfigError(f"--init {init}: a fine-tune keeps the adapter's shape, but asked for {', '.join(clash)}; "
+                          "leave those out, or train a new adapter without --init")
+    return shape
 
 
 def _checkpoint(out: Path, dm, optimizer, step: int, history: list, cfg: TrainConfig, corpus_sha: str,

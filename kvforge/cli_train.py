@@ -46,7 +46,8 @@ def train():
               help="windows whose replay attribution the entry scorer is fitted to  [default: 64]")
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.03,0.3]")
-@click.option("--init", default=None, metavar="shipped|DIR", help="start from this adapter (domain fine-tuning; it keeps the adapter's rank and scorer)")
+@click.option("--init", default=None, metavar="shipped|DIR",
+              help="start from this adapter (domain fine-tuning; the run keeps its rank and scorer)")
 @click.option("--lr", default=None, type=float, help="peak learning rate  [default: 5e-4]")
 @click.option("--mix", default=None, metavar="KIND=W,...",
               help="probe kinds and weights: recall, needle, fact  [default: recall=0.4,needle=0.4,fact=0.2]")

@@ -195,7 +195,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
 
 
 def _init_shape(init: str, settings: dict) -> dict:
-    """The ``--init`` adapter's rank and scorer, which a fine-tune keeps; a clear error if ``settings`` ask otherwise."""
+    """The ``--init`` adapter's rank and scorer, which a fine-tune keeps; a clear error if ``settings`` differ."""
     got = read_config(resolve_adapter(init))
     shape = {"rank": got.rank, "scorer": got.scorer}
     clash = [f"{k} {settings[k]!r} (it has {v!r})" for k, v in shape.items() if k in settings and settings[k] != v]

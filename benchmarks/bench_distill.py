@@ -6,10 +6,12 @@ For each held-out passage (the eval's sources, cut to ``--lengths`` tokens), int
 * **distill**: ``Distill.compress_ids`` at ``--keep``, what ``kvforge build --method distill`` runs for a
   plain keep (no dense prefill): the scorer's pass over the first layers, then the adapted prefill;
 * **distill, refit=0**: the same without the default value refit (what the refit costs);
+* **distill, match=0 / 1**: the same with the other setting of ``match`` (what the per-entry beta costs);
 * **distill + dense**: the dense prefill and ``Distill.compress`` on it, the path of ``--keep auto``,
   ``--allocate pilot`` and ``kvforge eval``.
 
-The ratio is per document (medians over ``--repeats``), so a noisy machine moves both sides together.
+The ratio is per document (medians over ``--repeats``, the order of the five rotating from one repeat to the
+next), so a noisy machine moves both sides together.
 
     .venv/bin/python benchmarks/bench_distill.py --out bench-out
 """
@@ -61,24 +63,31 @@ def main() -> None:
     lm = load_model()
     method = get_method("distill", adapter=args.adapter)
     no_refit = get_method("distill", adapter=args.adapter, refit=0)
+    other = f"match={1 - method.match}"
+    other_match = get_method("distill", adapter=args.adapter, match=1 - method.match)
     ctx = CompressionContext(model=lm)
     budget = Budget(args.keep)
     rows = []
     method.compress_ids(lm, lm.encode_document("warm up " * 50), budget, ctx)
     for length in (int(x) for x in args.lengths.split(",")):
         for ids in passages(lm, args.docs, length):
-            times = {"prefill": [], "distill": [], "distill refit=0": [], "distill + dense": []}
-            for _ in range(args.repeats):
-                times["prefill"].append(timed(lambda: prefill(lm.model, ids)))
-                times["distill"].append(timed(lambda: method.compress_ids(lm, ids, budget, ctx)))
-                times["distill refit=0"].append(timed(lambda: no_refit.compress_ids(lm, ids, budget, ctx)))
-                times["distill + dense"].append(timed(lambda: method.compress(prefill(lm.model, ids), budget, ctx)))
+            runs = {"prefill": lambda: prefill(lm.model, ids),
+                    "distill": lambda: method.compress_ids(lm, ids, budget, ctx),
+                    "distill refit=0": lambda: no_refit.compress_ids(lm, ids, budget, ctx),
+                    "distill other": lambda: other_match.compress_ids(lm, ids, budget, ctx),
+                    "distill + dense": lambda: method.compress(prefill(lm.model, ids), budget, ctx)}
+            times = {k: [] for k in runs}
+            order = list(runs)
+            for r in range(args.repeats):  # the order rotates: the call right after the prefill measured slower
+                for k in order[r % len(order):] + order[:r % len(order)]:
+                    times[k].append(timed(runs[k]))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append({"tokens": length, **med, "ratio": med["distill"] / med["prefill"],
                          "ratio_no_refit": med["distill refit=0"] / med["prefill"],
+                         "ratio_other": med["distill other"] / med["prefill"],
                          "ratio_dense": med["distill + dense"] / med["prefill"]})
     record = adapter_record(resolve_adapter(args.adapter))
-    result = {"env": environment(lm), "keep": args.keep, "adapter": args.adapter, "rows": rows,
+    result = {"env": environment(lm), "keep": args.keep, "adapter": args.adapter, "rows": rows, "other": other,
               "training": {k: record.get(k) for k in ("seconds", "steps_run", "seconds_per_step", "settings")},
               "threads": torch.get_num_threads()}
     write_results(args.out, "distill-cost", result, render)
@@ -86,13 +95,14 @@ def main() -> None:
 
 def render(r: dict) -> str:
     lines = [f"# distill build cost ({r['env']['date']}, {r['env']['machine']}, keep {r['keep']})", "",
-             "| tokens | docs | prefill s | distill s | ratio | refit=0 s | ratio | distill + dense s | ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| tokens | docs | prefill s | distill s | ratio | refit=0 s | ratio | {r['other']} s | ratio | distill + dense s | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sorted({row["tokens"] for row in r["rows"]}):
         sub = [row for row in r["rows"] if row["tokens"] == n]
         med = lambda k: statistics.median(row[k] for row in sub)  # noqa: E731
         lines.append(f"| {n} | {len(sub)} | {med('prefill'):.3f} | {med('distill'):.3f} | {med('ratio'):.2f}x | "
                      f"{med('distill refit=0'):.3f} | {med('ratio_no_refit'):.2f}x | "
+                     f"{med('distill other'):.3f} | {med('ratio_other'):.2f}x | "
                      f"{med('distill + dense'):.3f} | {med('ratio_dense'):.2f}x |")
     t = r["training"]
     lines += ["", f"training ({r['adapter']}): {t['steps_run']} steps in {t['seconds']} s, "

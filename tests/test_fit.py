@@ -8,7 +8,7 @@ import torch
 from kvforge.budget import allocate, redistribute
 from kvforge.errors import ConfigError
 from kvforge.methods import Budget, CompressionContext, get_method
-from kvforge.methods.fit import attend, fit_values, head_errors, reference
+from kvforge.methods.fit import attend, fit_values, head_errors, match_mass, reference
 from kvforge.prefill import KV
 
 
@@ -50,6 +50,32 @@ def test_sculpt_lowers_the_error_of_its_start_and_carries_beta():
         assert all(torch.equal(a, b) for a, b in zip(sculpt.keys, start.keys)) != keys  # keys move only if asked
         again = get_method("sculpt", init="select_fit", steps=20, samples=96, position="own", keys=keys).compress(kv, Budget(0.2), CTX)
         assert all(torch.equal(a, b) for a, b in zip(sculpt.values, again.values))  # deterministic
+
+
+def test_match_mass_gives_a_kept_entry_the_mass_of_its_dropped_copies():
+    # a full cache of 5 distinct keys, key i cached 1 + i times: keeping one copy of each, the mass of any query is
+    # matched exactly by weights 1..5, so beta = log(1 + i)
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(5, 8, generator=g), torch.randn(64, 8, generator=g)
+    copies = torch.arange(1, 6).float()
+    logits = queries @ keys.T * 0.5  # (M, 5)
+    beta = match_mass(logits, torch.logsumexp(logits + copies.log(), dim=-1))
+    torch.testing.assert_close(beta, copies.log(), atol=0.02, rtol=0)
+    # nothing dropped: every weight stays 1
+    torch.testing.assert_close(match_mass(logits, torch.logsumexp(logits, dim=-1)), torch.zeros(5), atol=0.01, rtol=0)
+
+
+def test_matched_beta_lowers_the_mass_error_of_a_selection():
+    from kvforge.methods.select_fit import matched_beta, refit_values
+
+    kv = structured_kv()
+    ref = reference(kv, None, 96, "own", 0)
+    start = refit_values(kv, get_method("select_fit", refit=False).compress(kv, Budget(0.2), CTX), ref, 0.1)
+    start.beta = matched_beta(kv, start, ref)
+    assert [len(b) for b in start.beta] == [int(n.sum()) for n in start.lengths]
+    fitted = refit_values(kv, start, ref, 0.1)  # values fitted under the matched beta
+    plain = refit_values(kv, get_method("select_fit", refit=False).compress(kv, Budget(0.2), CTX), ref, 0.1)
+    assert _error(kv, fitted) < 0.8 * _error(kv, plain)
 
 
 def test_fit_values_handles_rank_deficient_systems():

@@ -238,6 +238,15 @@ def test_distill_builds_artifacts_that_answer(tiny_llama, tiny_adapter, docs, tm
         assert torch.equal(fitted.positions[layer], unfitted.positions[layer])
         assert torch.equal(fitted.keys[layer], unfitted.keys[layer])
     assert any(not torch.equal(a, b) for a, b in zip(fitted.values, unfitted.values))
+    per_head = tmp_path / "match0"  # one mass beta per head instead of the default's per-entry one, the same entries
+    kvforge.build([docs], per_head, method=spec + ":match=0", keep=0.25, model=tiny_llama, progress=False)
+    head = read_artifact(per_head / "assert.kv").kv
+    assert all(torch.equal(a, b) for a, b in zip(head.positions, fitted.positions))
+    offsets = [fitted.layer_offsets(layer) for layer in range(len(fitted.keys))]
+    assert all(len(set(head.beta[layer][a:b].tolist())) <= 1 for layer, o in enumerate(offsets) for a, b in zip(o, o[1:]))
+    assert any(len(set(fitted.beta[layer][a:b].tolist())) > 1 for layer, o in enumerate(offsets) for a, b in zip(o, o[1:]))
+    kvforge.build([docs], tmp_path / "nobeta", method=spec + ":beta=0", keep=0.25, model=tiny_llama, progress=False)
+    assert read_artifact(tmp_path / "nobeta" / "assert.kv").kv.beta is None
     out = tmp_path / "auto"
     kvforge.build([docs], out, method=spec, keep="auto", model=tiny_llama, progress=False)
     assert (out / "assert.kv").exists()

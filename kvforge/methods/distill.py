@@ -12,9 +12,11 @@ holds a scorer and LoRA adapters. Building a document:
 3. the document is prefilled again with the adapter routed to the kept tokens (per layer: the tokens
    some head of it keeps; every other token runs on the base weights), so that the kept tokens' keys and
    values absorb what the dropped ones carried;
-4. each kept entry gets its ``beta``: with an entry scorer, its head's attention mass lost to the
-   dropped entries, measured with the document's last queries
-   (:func:`kvforge.train.student.mass_beta`); with a token scorer, ``log sigmoid(score)``.
+4. each kept entry gets its ``beta``: with an entry scorer, the log of the weight with which it carries
+   the full cache's attention mass for the document's own queries, rotated to its end, fitted by least
+   squares (:func:`kvforge.methods.fit.match_mass`; ``match=0``: one beta per head, the head's mass lost
+   to the dropped entries, :func:`kvforge.train.student.mass_beta`); the kept values are then refitted
+   under it (``refit``); with a token scorer, ``log sigmoid(score)``.
 
 Budgets: ``--allocate pilot`` gives heads their counts (each keeps its top entries by score). The
 artifact is an ordinary ragged cache answered by the unmodified model; the method's config records the
@@ -135,10 +137,14 @@ class Distill(Compressor):
     lora: int = 1  # 0: keep the scorer's entries of a base-model prefill (what the LoRA adds, measured)
     beta: int = 1  # 0: no attention bias on the kept entries
     refit: int = 1  # kept values refitted by least squares to the adapted prefill's reference queries (0: off)
+    # with beta=1 and an entry scorer: 1, a beta per kept entry fitted to the full cache's mass (fit.match_mass), the
+    # values refitted under it; 0, one mass beta per head (a token scorer's beta is its scores'). Chosen on the tuning split: KL q+a 1.71x / 1.36x lower at keeps 0.1 / 0.05 (18/18, 16/18
+    # documents), needles 7 / 5 against 8 / 6; build cost +2% (docs/experiments/distill.md)
+    match: int = 1
 
     def __post_init__(self) -> None:
-        if self.lora not in (0, 1) or self.beta not in (0, 1) or self.refit not in (0, 1):
-            raise ValueError("lora, beta and refit must be 0 or 1")
+        if any(v not in (0, 1) for v in (self.lora, self.beta, self.refit, self.match)):
+            raise ValueError("lora, beta, refit and match must be 0 or 1")
 
     @property
     def keeps_originals(self) -> bool:
@@ -214,13 +220,17 @@ class Distill(Compressor):
 
     def _finish(self, dm, kv: KV, kept: torch.Tensor, seed: int) -> CompressedKV:
         """The kept entries (L, H, T) of the adapted prefill ``kv``, values refitted and beta set as configured."""
-        out = gather(kv, kept)
-        if self.refit:  # a head's constant beta cancels inside its kept entries' softmax: fitted without it
-            from .fit import reference
-            from .select_fit import refit_values
+        from .fit import reference
+        from .select_fit import matched_beta, refit_values
 
-            out = refit_values(kv, out, reference(kv, dm.model, 256, "end", seed), 0.1)
-        if self.beta:
+        out = gather(kv, kept)
+        match = bool(self.beta and self.match)
+        ref = reference(kv, dm.model, 256, "end", seed) if self.refit or match else None
+        if match:  # per-entry beta first: the values are then fitted under it
+            out.beta = matched_beta(kv, out, ref)
+        if self.refit:  # a head's constant mass beta cancels inside its kept entries' softmax: fitted without it
+            out = refit_values(kv, out, ref, 0.1)
+        if self.beta and not match:
             beta = _entry_beta(dm, kv, kept)  # (L, H)
             out.beta = [beta[layer].repeat_interleave(out.lengths[layer].long()) for layer in range(kv.shape[0])]
         return out

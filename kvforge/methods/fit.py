@@ -162,6 +162,24 @@ def fit_values(probs: torch.Tensor, target: torch.Tensor, v0: torch.Tensor, ridg
     return torch.where(torch.isfinite(out), out, v0.float())
 
 
+@torch.no_grad()
+def match_mass(logits: torch.Tensor, lse: torch.Tensor, ridge: float = 1e-3, floor: float = 1e-4) -> torch.Tensor:
+    """Per-entry beta (n,) with which one head's kept entries carry the full cache's attention mass.
+
+    logits (M, n): the reference queries' scaled logits over the head's kept keys; lse (M,): the full
+    cache's log-mass for the same queries. The weights ``w = exp(beta)`` are the least-squares solution of
+    ``A w = 1`` with ``A = exp(logits - lse)`` (M, n), each kept entry's share of a query's full mass, by
+    :func:`fit_values` (ridge toward w = 1), clipped to ``floor``: a kept entry takes on the mass of the
+    dropped entries the same queries attended to, where one mass beta per head
+    (:func:`kvforge.train.student.mass_beta`) lifts all of a head's entries alike. The mass is fitted this
+    way in Zweiger et al. 2025 ("Fast KV compaction via attention matching", with non-negative least
+    squares; the clipped solution costs one solve, as the value refit).
+    """
+    A = torch.exp(logits.float() - lse.float()[:, None])  # (M, n)
+    ones = torch.ones(A.shape[0], 1)
+    return fit_values(A, ones, torch.ones(A.shape[1], 1), ridge)[:, 0].clamp_min(floor).log()
+
+
 def head_errors(kv: KV, compressed, ref: Reference) -> torch.Tensor:
     """Per (layer, KV head) difficulty of a compressed cache: relative output error + log-mass error.
 

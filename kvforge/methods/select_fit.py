@@ -34,7 +34,7 @@ import torch
 from ..prefill import KV
 from ..ragged import CompressedKV
 from .base import Budget, CompressionContext, Prepared, ScoredCompressor, gather, register
-from .fit import Reference, fit_values, hf_model, reference
+from .fit import Reference, fit_values, hf_model, match_mass, reference
 
 
 @register
@@ -156,7 +156,8 @@ def surprisal_prior(kv: KV, window: int) -> torch.Tensor:
 
 
 def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> CompressedKV:
-    """Least-squares values for the kept keys of every head (keys and positions unchanged)."""
+    """Least-squares values for the kept keys of every head (keys and positions unchanged), under ``out.beta``
+    where it is set (the values then fit the attention the kept entries get with their bias)."""
     values = []
     for layer in range(len(out.keys)):
         target, _ = ref.targets(kv, layer)  # (H, M, D)
@@ -168,10 +169,26 @@ def refit_values(kv: KV, out: CompressedKV, ref: Reference, ridge: float) -> Com
                 continue
             k = out.keys[layer][a:b].float()[None]
             logits = torch.einsum("hmd,hnd->hmn", ref.queries[layer][h:h + 1], k) * ref.scale
+            if out.beta is not None:
+                logits = logits + out.beta[layer][a:b].float()
             probs = torch.softmax(logits, dim=-1)[0]  # (M, n)
             new[a:b] = fit_values(probs, target[h], new[a:b], ridge)
         values.append(new.to(out.values[layer].dtype))
     return dataclasses.replace(out, values=values)
 
 
-__all__ = ["SelectFit", "refit_values", "surprisal_prior"]
+def matched_beta(kv: KV, out: CompressedKV, ref: Reference) -> list[torch.Tensor]:
+    """Per layer (N_l,) float32: every kept entry's beta from :func:`kvforge.methods.fit.match_mass`."""
+    betas = []
+    for layer in range(len(out.keys)):
+        _, lse = ref.targets(kv, layer)  # (H, M)
+        offsets = out.layer_offsets(layer)
+        heads = []
+        for h in range(len(offsets) - 1):
+            k = out.keys[layer][offsets[h]:offsets[h + 1]].float()  # (n, D)
+            heads.append(match_mass(ref.queries[layer][h] @ k.T * ref.scale, lse[h]) if len(k) else torch.zeros(0))
+        betas.append(torch.cat(heads))
+    return betas
+
+
+__all__ = ["SelectFit", "matched_beta", "refit_values", "surprisal_prior"]

@@ -95,7 +95,8 @@ def main() -> None:
 
 def render(r: dict) -> str:
     lines = [f"# distill build cost ({r['env']['date']}, {r['env']['machine']}, keep {r['keep']})", "",
-             f"| tokens | docs | prefill s | distill s | ratio | refit=0 s | ratio | {r['other']} s | ratio | distill + dense s | ratio |",
+             f"| tokens | docs | prefill s | distill s | ratio | refit=0 s | ratio | {r['other']} s | ratio | "
+             "distill + dense s | ratio |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in sorted({row["tokens"] for row in r["rows"]}):
         sub = [row for row in r["rows"] if row["tokens"] == n]

@@ -65,7 +65,7 @@ def test_match_mass_gives_a_kept_entry_the_mass_of_its_dropped_copies():
     torch.testing.assert_close(match_mass(logits, torch.logsumexp(logits, dim=-1)), torch.zeros(5), atol=0.01, rtol=0)
 
 
-def test_matched_beta_lowers_the_mass_error_of_a_selection():
+def test_matched_beta_lowers_the_error_of_a_selection():
     from kvforge.methods.select_fit import matched_beta, refit_values
 
     kv = structured_kv()

@@ -242,9 +242,10 @@ def test_distill_builds_artifacts_that_answer(tiny_llama, tiny_adapter, docs, tm
     kvforge.build([docs], per_head, method=spec + ":match=0", keep=0.25, model=tiny_llama, progress=False)
     head = read_artifact(per_head / "assert.kv").kv
     assert all(torch.equal(a, b) for a, b in zip(head.positions, fitted.positions))
-    offsets = [fitted.layer_offsets(layer) for layer in range(len(fitted.keys))]
-    assert all(len(set(head.beta[layer][a:b].tolist())) <= 1 for layer, o in enumerate(offsets) for a, b in zip(o, o[1:]))
-    assert any(len(set(fitted.beta[layer][a:b].tolist())) > 1 for layer, o in enumerate(offsets) for a, b in zip(o, o[1:]))
+    spans = [(layer, o[h], o[h + 1]) for layer in range(len(fitted.keys))
+             for o in [fitted.layer_offsets(layer)] for h in range(len(o) - 1)]  # (layer, start, end) of every head
+    assert all(len(set(head.beta[layer][a:b].tolist())) <= 1 for layer, a, b in spans)
+    assert any(len(set(fitted.beta[layer][a:b].tolist())) > 1 for layer, a, b in spans)
     kvforge.build([docs], tmp_path / "nobeta", method=spec + ":beta=0", keep=0.25, model=tiny_llama, progress=False)
     assert read_artifact(tmp_path / "nobeta" / "assert.kv").kv.beta is None
     out = tmp_path / "auto"

@@ -138,8 +138,9 @@ class Distill(Compressor):
     beta: int = 1  # 0: no attention bias on the kept entries
     refit: int = 1  # kept values refitted by least squares to the adapted prefill's reference queries (0: off)
     # with beta=1 and an entry scorer: 1, a beta per kept entry fitted to the full cache's mass (fit.match_mass), the
-    # values refitted under it; 0, one mass beta per head (a token scorer's beta is its scores'). Chosen on the tuning split: KL q+a 1.71x / 1.36x lower at keeps 0.1 / 0.05 (18/18, 16/18
-    # documents), needles 7 / 5 against 8 / 6; build cost +2% (docs/experiments/distill.md)
+    # values refitted under it; 0, one mass beta per head (a token scorer's beta is its scores'). Chosen on the
+    # tuning split: KL q+a 1.71x / 1.36x lower at keeps 0.1 / 0.05 (18/18, 16/18 documents), needles 7 / 5 against
+    # 8 / 6; build cost +2% (docs/experiments/distill.md)
     match: int = 1
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,11 +72,10 @@ def test_matched_beta_lowers_the_error_of_a_selection():
 
     kv = structured_kv()
     ref = reference(kv, None, 96, "own", 0)
-    start = refit_values(kv, get_method("select_fit", refit=False).compress(kv, Budget(0.2), CTX), ref, 0.1)
-    start.beta = matched_beta(kv, start, ref)
+    plain = refit_values(kv, get_method("select_fit", refit=False).compress(kv, Budget(0.2), CTX), ref, 0.1)
+    start = dataclasses.replace(plain, beta=matched_beta(kv, plain, ref))
     assert [len(b) for b in start.beta] == [int(n.sum()) for n in start.lengths]
     fitted = refit_values(kv, start, ref, 0.1)  # values fitted under the matched beta
-    plain = refit_values(kv, get_method("select_fit", refit=False).compress(kv, Budget(0.2), CTX), ref, 0.1)
     assert _error(kv, fitted) < 0.8 * _error(kv, plain)
 
 

@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=None, help="default: kvforge train distill's")
     ap.add_argument("--keep-range", default=None, help="LO,HI; default: kvforge train distill's")
     ap.add_argument("--lr", type=float, default=None, help="default: kvforge train distill's")
+    ap.add_argument("--beta", default=None, choices=["head", "match"], help="default: kvforge train distill's")
     ap.add_argument("--init", default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -79,7 +80,8 @@ def main() -> None:
         exclude = eval_snippets(names, args.exclude_eval_samples) if args.exclude_eval_samples else None
         n = write_corpus(names, folder, args.holdout, args.max_passages, exclude)
         print(f"{n} passages in {folder}")
-        settings = {k: getattr(args, k) for k in ("steps", "context", "targets", "lr") if getattr(args, k) is not None}
+        names_set = ("steps", "context", "targets", "lr", "beta")
+        settings = {k: getattr(args, k) for k in names_set if getattr(args, k) is not None}
         if args.keep_range:
             settings["keep_range"] = args.keep_range.split(",")  # TrainConfig turns LO,HI into numbers and checks them
         report = distill([str(folder)], args.out, init=args.init, resume=args.resume, seed=args.seed, **settings)

@@ -40,6 +40,9 @@ from ..ragged import CompressedKV
 from .base import Budget, CompressionContext, Compressor, gather, register
 
 
+MATCH_SAMPLES = 256  # reference queries (document queries rotated to its end) of the matched beta and the refit
+
+
 class _Stop(Exception):
     pass
 
@@ -226,7 +229,7 @@ class Distill(Compressor):
 
         out = gather(kv, kept)
         match = bool(self.beta and self.match)
-        ref = reference(kv, dm.model, 256, "end", seed) if self.refit or match else None
+        ref = reference(kv, dm.model, MATCH_SAMPLES, "end", seed) if self.refit or match else None
         if match:  # per-entry beta first: the values are then fitted under it
             out.beta = matched_beta(kv, out, ref)
         if self.refit:  # a head's constant mass beta cancels inside its kept entries' softmax: fitted without it

@@ -30,7 +30,7 @@ from .adapter import (CONFIG_FILE, SCORERS, DistillModel, default_config, load_a
 from .data import ExampleMaker, make_windows, parse_mix
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
                    training_corpus, warmup_cosine, write_losses)
-from .student import install, student_loss, teacher_pass
+from .student import BETAS, install, student_loss, teacher_pass
 from .targets import TARGETS_FILE, compute_targets, fit_scorer
 
 
@@ -48,7 +48,10 @@ class TrainConfig:
     mix:          probe kinds and weights (kvforge.train.data.MIX)
     seed:         examples, keeps and the initial weights
     scorer:       "entry" (one score per layer, head and token, fitted to the replay) or "token" (the paper's)
-    targets:      windows whose replay attribution the entry scorer is fitted to
+    targets:      windows whose replay attribution the entry scorer is fitted to; 0 with ``init``: the
+                  initial adapter's scorer is kept as it is (only the LoRA trains)
+    beta:         the entry scorer's beta in the student's attention: "head" (one mass beta per head) or
+                  "match" (each kept entry's, fitted as ``distill:match=1`` builds; kvforge.train.student)
     scorer_epochs, scorer_lr: the entry scorer's fit
     """
 
@@ -67,6 +70,7 @@ class TrainConfig:
     targets: int = 64
     scorer_epochs: int = 60
     scorer_lr: float = 2e-3
+    beta: str = "head"
 
     def __post_init__(self) -> None:
         lo, hi = (float(x) for x in self.keep_range)
@@ -81,8 +85,11 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
         if self.scorer not in SCORERS:
             raise ConfigError(f"--scorer {self.scorer!r}: one of {', '.join(SCORERS)}")
-        if self.scorer == "entry" and self.targets < 2:
-            raise ConfigError(f"--targets {self.targets}: the entry scorer is fitted to at least 2 windows")
+        if self.scorer == "entry" and (self.targets < 2 and self.targets != 0):
+            raise ConfigError(f"--targets {self.targets}: the entry scorer is fitted to at least 2 windows "
+                              "(or 0 with --init: keep the initial adapter's scorer)")
+        if self.beta not in BETAS:
+            raise ConfigError(f"--beta {self.beta!r}: one of {', '.join(BETAS)}")
         self.mix = parse_mix(self.mix)
 
     def keep_at(self, step: int) -> float:
@@ -115,6 +122,8 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     if init is not None:  # an unknown --init fails before the model loads; its rank and scorer are the run's
         settings = {**_init_shape(init, settings), **settings}
     cfg = TrainConfig(**settings)
+    if cfg.scorer == "entry" and cfg.targets == 0 and init is None:
+        raise ConfigError("--targets 0 keeps the --init adapter's scorer: pass --init, or fit a scorer (--targets 64)")
     out = Path(out)
     lm = load_model(model, device=device, compute_dtype=compute_dtype)
     texts, corpus_sha = training_corpus(sources)
@@ -132,7 +141,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, history, scorer_fit = 0, [], None
     if resume:
-        state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha)
+        state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha, added={"beta": "head"})
         dm.load_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, scorer_fit = state["step"], state["history"], state.get("scorer_fit")
@@ -142,11 +151,14 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
               "compute_dtype": lm.compute_dtype, "base_model": lm.info.name}
     t_fit = time.perf_counter()
     if entry and scorer_fit is None:  # phase 1: the scorer, fitted to the replay's attribution (resumable targets)
-        items = compute_targets(lm, make, cfg.targets, dm.cfg.first_layer, cfg.seed, out, progress)
-        scorer_fit = fit_scorer(dm.scorer, items, epochs=cfg.scorer_epochs, lr=cfg.scorer_lr, seed=cfg.seed,
-                                sink=dm.cfg.sink, recent=dm.cfg.recent, progress=progress)
-        scorer_fit["seconds"] = round(time.perf_counter() - t_fit, 1)
-        del items
+        if cfg.targets == 0:  # a fine-tune that keeps its initial adapter's scorer
+            scorer_fit = {"kept": init_sha}
+        else:
+            items = compute_targets(lm, make, cfg.targets, dm.cfg.first_layer, cfg.seed, out, progress)
+            scorer_fit = fit_scorer(dm.scorer, items, epochs=cfg.scorer_epochs, lr=cfg.scorer_lr, seed=cfg.seed,
+                                    sink=dm.cfg.sink, recent=dm.cfg.recent, progress=progress)
+            scorer_fit["seconds"] = round(time.perf_counter() - t_fit, 1)
+            del items
         _checkpoint(out, dm, optimizer, 0, history, cfg, corpus_sha, scorer_fit)
     if entry:
         for p in dm.scorer.parameters():
@@ -168,7 +180,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = student_loss(dm, ex, teacher_of[1], keep, cfg.rank_weight)
+        loss, parts = student_loss(dm, ex, teacher_of[1], keep, cfg.rank_weight, cfg.beta)
         if not torch.isfinite(loss):
             bar.close()
             _plot(out, history)

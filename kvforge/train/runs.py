@@ -61,9 +61,11 @@ def save_checkpoint(out: Path, state: dict) -> None:
         torch.save(state, fh)
 
 
-def load_checkpoint(checkpoint: Path, settings: dict, corpus_sha: str) -> dict:
-    """The checkpoint's state; refuses one written with other settings or on another corpus."""
+def load_checkpoint(checkpoint: Path, settings: dict, corpus_sha: str, added: dict | None = None) -> dict:
+    """The checkpoint's state; refuses one written with other settings or on another corpus. ``added``:
+    settings introduced since older checkpoints were written, with the value those runs had."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["settings"] = {**(added or {}), **state["settings"]}
     if state["settings"] != settings or state["corpus_sha256"] != corpus_sha:
         raise TrainingError(f"{checkpoint} is a run with other settings or another corpus "
                             f"({state['settings']}); resume with the same ones, or choose another -o")

@@ -7,8 +7,9 @@ segment and its answer). Both passes run it in one forward with kvforge's traini
 - the probe's rows attend to the document's entries through an additive bias (teacher: 0 everywhere;
   student: -inf on the dropped entries and, on the kept ones, as the runtime applies an artifact's
   ``beta``: with a token scorer ``log sigmoid(score)`` in every layer and head; with an entry scorer each
-  (layer, head) its own kept set and the mass its dropped entries had, :func:`mass_beta`) and causally
-  to the probe.
+  (layer, head) its own kept set and either the mass its dropped entries had, :func:`mass_beta`
+  (``beta="head"``), or each kept entry's own beta fitted as the build fits it, :func:`matched_bias`
+  (``beta="match"``)) and causally to the probe.
 
 In the student, the kept document tokens also run through the LoRA-adapted projections (layers from
 ``first_layer`` on; with an entry scorer, in each layer the tokens some head of it keeps), so that their
@@ -64,17 +65,22 @@ class Teacher:
     importance: torch.Tensor
 
 
+BETAS = ("head", "match")  # the entry scorer's beta in training: one per head, or fitted per kept entry
+
+
 class _Pass:
     """One forward's layout. bias: (m, S) additive bias of the probe rows, shared by every layer and head; or
     kept: (L, H, T) bool, each (layer, KV head) its own kept entries, with the mass beta of ``reference``
-    document rows (and a causal 0 / -inf block over the probe)."""
+    document rows, or with ``match`` (the HF ``model``, for the rotary) each entry's matched beta (and a
+    causal 0 / -inf block over the probe)."""
 
     def __init__(self, context: int, bias: torch.Tensor | None = None, record_rows: slice | None = None,
-                 kept: torch.Tensor | None = None, reference: int = 0, device=None):
+                 kept: torch.Tensor | None = None, reference: int = 0, device=None, match=None):
         self.context = context  # T
         self.bias = bias
         self.kept = kept
         self.reference = reference
+        self.match = match
         self.record_rows = record_rows  # probe rows whose attention over the document is summed (teacher)
         self.record = torch.zeros(context, device=device) if record_rows is not None else None
 
@@ -86,10 +92,14 @@ class _Pass:
         m = S - T
         kept = self.kept[layer]  # (H, T)
         group = query.shape[1] // key.shape[1]
-        beta = torch.zeros(kept.shape[0], device=query.device)
-        if self.reference > 0:
-            beta = mass_beta(query[0, :, T - min(self.reference, T):T].detach(), key[0, :, :T].detach(), kept, scale)
-        doc = torch.where(kept, beta[:, None], torch.full_like(beta[:, None], float("-inf")))  # (H, T)
+        if self.match is not None:
+            doc = matched_bias(query[0, :, :T].detach(), key[0, :, :T].detach(), kept, scale, self.match)
+        else:
+            beta = torch.zeros(kept.shape[0], device=query.device)
+            if self.reference > 0:
+                beta = mass_beta(query[0, :, T - min(self.reference, T):T].detach(), key[0, :, :T].detach(), kept,
+                                 scale)
+            doc = torch.where(kept, beta[:, None], torch.full_like(beta[:, None], float("-inf")))  # (H, T)
         doc = doc.repeat_interleave(group, dim=0)[:, None, :].expand(-1, m, T)  # (Hq, m, T)
         causal = torch.full((m, m), float("-inf"), device=query.device).triu(1)
         return torch.cat([doc, causal[None].expand(doc.shape[0], m, m)], dim=2)
@@ -114,6 +124,35 @@ def mass_beta(queries: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, sca
     mask = kept.repeat_interleave(group, dim=0)[:, None, :]  # (Hq, 1, T)
     part = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
     return (full - part).view(H, group, -1).mean(dim=(1, 2)).clamp_min(0.0)
+
+
+@torch.no_grad()
+def matched_bias(queries: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, scale: float, model,
+                 seed: int = 0) -> torch.Tensor:
+    """(H, T) float32: each kept entry's matched beta, -inf on the dropped ones (no gradient).
+
+    queries: (Hq, T, D) the document's post-RoPE queries; keys: (H, T, D) post-RoPE; kept: (H, T) bool;
+    ``model`` the HF model (its rotary). As the build (:meth:`kvforge.methods.distill.Distill` with
+    ``match=1``): its number of seeded document queries (``MATCH_SAMPLES``) rotated to the document's end
+    (:func:`kvforge.methods.fit.sample_reference`), and per KV head the least-squares weights with which
+    the kept entries carry the full document's mass for them (:func:`kvforge.methods.fit.match_mass`).
+    Computed on the CPU, as the build does.
+    """
+    from ..methods.distill import MATCH_SAMPLES
+    from ..methods.fit import match_mass, sample_reference
+
+    H, T, _ = keys.shape
+    k = keys.float().cpu()
+    ref = sample_reference(queries.float().cpu()[None], torch.arange(T), T, H, model, MATCH_SAMPLES, "end", seed)
+    logits = torch.einsum("hmd,htd->hmt", ref.queries[0], k) * scale  # (H, M, T)
+    lse = torch.logsumexp(logits, dim=-1)  # (H, M): the full document's log-mass
+    bias = torch.full((H, T), float("-inf"))
+    mask = kept.cpu()
+    for h in range(H):
+        idx = mask[h].nonzero()[:, 0]
+        if len(idx):
+            bias[h, idx] = match_mass(logits[h][:, idx], lse[h])
+    return bias.to(keys.device)
 
 
 def _train_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -254,8 +293,10 @@ def mixed_kl(p_log: torch.Tensor, q_log: torch.Tensor, forward: float = FORWARD_
     return (forward * fwd + (1 - forward) * rev).mean()
 
 
-def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: float) -> tuple[torch.Tensor, dict]:
-    """The student's loss on one example at ``keep``: (loss with its graph, its parts as floats)."""
+def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: float,
+                 beta: str = "head") -> tuple[torch.Tensor, dict]:
+    """The student's loss on one example at ``keep``: (loss with its graph, its parts as floats). ``beta``
+    (entry scorer): "head" the per-head mass beta, "match" each kept entry's matched beta (module docstring)."""
     global _active
     T, m = len(ex.context), len(ex.probe)
     device = next(dm.model.parameters()).device
@@ -266,7 +307,7 @@ def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: fl
             scores = dm.scorer(teacher.hidden.to(device))  # (L, H, T)
         kept = select_entries(scores, round(keep * scores.numel()), cfg.sink, cfg.recent)
         route = torch.cat([route_of(kept), torch.zeros(kept.shape[0], m, device=device)], dim=1)  # (L, T + m)
-        layout = _Pass(T, kept=kept, reference=cfg.reference)
+        layout = _Pass(T, kept=kept, reference=cfg.reference, match=dm.model if beta == "match" else None)
     else:
         scores = dm.scorer(teacher.hidden.to(device))  # (T,)
         kept = select_tokens(scores, round(keep * T), cfg.sink, cfg.recent)

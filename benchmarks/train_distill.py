@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=None, help="default: kvforge train distill's")
     ap.add_argument("--keep-range", default=None, help="LO,HI; default: kvforge train distill's")
     ap.add_argument("--lr", type=float, default=None, help="default: kvforge train distill's")
-    ap.add_argument("--beta", default=None, choices=["head", "match"], help="default: kvforge train distill's")
+    ap.add_argument("--fit", default=None, choices=["build", "match", "head"], help="default: kvforge train distill's")
     ap.add_argument("--init", default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,7 +80,7 @@ def main() -> None:
         exclude = eval_snippets(names, args.exclude_eval_samples) if args.exclude_eval_samples else None
         n = write_corpus(names, folder, args.holdout, args.max_passages, exclude)
         print(f"{n} passages in {folder}")
-        names_set = ("steps", "context", "targets", "lr", "beta")
+        names_set = ("steps", "context", "targets", "lr", "fit")
         settings = {k: getattr(args, k) for k in names_set if getattr(args, k) is not None}
         if args.keep_range:
             settings["keep_range"] = args.keep_range.split(",")  # TrainConfig turns LO,HI into numbers and checks them

@@ -45,9 +45,10 @@ def train():
 @click.option("--targets", default=None, type=int,
               help="windows whose replay attribution the entry scorer is fitted to; 0 with --init: keep the "
                    "adapter's scorer, train the LoRA only  [default: 64]")
-@click.option("--beta", default=None, type=click.Choice(["head", "match"]),
-              help="the kept entries' beta while training (entry scorer): one mass beta per head, or each entry's "
-                   "fitted as a distill:match=1 build fits it  [default: head]")
+@click.option("--fit", default=None, type=click.Choice(["build", "match", "head"]),
+              help="what the kept entries get while training (entry scorer): build: each its matched beta and "
+                   "refitted values, as a distill build writes them; match: the matched beta only; head: one mass "
+                   "beta per head (the v2 adapter's training)  [default: build]")
 @click.option("--keep-range", default=None, callback=_keep_range, metavar="LO,HI",
               help="every step's keep is drawn log-uniformly from LO..HI, in (0, 1]  [default: 0.03,0.3]")
 @click.option("--init", default=None, metavar="shipped|DIR",
@@ -60,7 +61,7 @@ def train():
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @device_options
-def distill(sources, out, model, steps, context, scorer, targets, beta, keep_range, init, lr, mix, seed, resume,
+def distill(sources, out, model, steps, context, scorer, targets, fit, keep_range, init, lr, mix, seed, resume,
             as_json, no_progress, device, compute_dtype):
     """Train a KV-Distill adapter (a scorer + LoRA routed to the kept tokens) on SOURCES.
 
@@ -73,7 +74,7 @@ def distill(sources, out, model, steps, context, scorer, targets, beta, keep_ran
     from .train import distill as run
 
     settings = {k: v for k, v in dict(steps=steps, context=context, keep_range=keep_range, lr=lr, mix=mix,
-                                      scorer=scorer, targets=targets, beta=beta).items() if v is not None}
+                                      scorer=scorer, targets=targets, fit=fit).items() if v is not None}
     if init is not None and resume:
         raise ConfigError("--init and --resume: a resumed run continues from its checkpoint; pass one of them")
     report = run(list(sources), out, model=model, init=init, resume=resume, seed=seed, device=device,

@@ -41,6 +41,7 @@ from .base import Budget, CompressionContext, Compressor, gather, register
 
 
 MATCH_SAMPLES = 256  # reference queries (document queries rotated to its end) of the matched beta and the refit
+REFIT_RIDGE = 0.1  # the value refit's ridge (kvforge.methods.fit.fit_values)
 
 
 class _Stop(Exception):
@@ -233,7 +234,7 @@ class Distill(Compressor):
         if match:  # per-entry beta first: the values are then fitted under it
             out.beta = matched_beta(kv, out, ref)
         if self.refit:  # a head's constant mass beta cancels inside its kept entries' softmax: fitted without it
-            out = refit_values(kv, out, ref, 0.1)
+            out = refit_values(kv, out, ref, REFIT_RIDGE)
         if self.beta and not match:
             beta = _entry_beta(dm, kv, kept)  # (L, H)
             out.beta = [beta[layer].repeat_interleave(out.lengths[layer].long()) for layer in range(kv.shape[0])]

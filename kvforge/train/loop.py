@@ -30,7 +30,7 @@ from .adapter import (CONFIG_FILE, SCORERS, DistillModel, default_config, load_a
 from .data import ExampleMaker, make_windows, parse_mix
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
                    training_corpus, warmup_cosine, write_losses)
-from .student import BETAS, install, student_loss, teacher_pass
+from .student import FITS, install, student_loss, teacher_pass
 from .targets import TARGETS_FILE, compute_targets, fit_scorer
 
 
@@ -50,8 +50,9 @@ class TrainConfig:
     scorer:       "entry" (one score per layer, head and token, fitted to the replay) or "token" (the paper's)
     targets:      windows whose replay attribution the entry scorer is fitted to; 0 with ``init``: the
                   initial adapter's scorer is kept as it is (only the LoRA trains)
-    beta:         the entry scorer's beta in the student's attention: "head" (one mass beta per head) or
-                  "match" (each kept entry's, fitted as ``distill:match=1`` builds; kvforge.train.student)
+    fit:          what the student's kept entries get (entry scorer; kvforge.train.student): "build" the
+                  matched beta and the values refitted under it, the cache a default ``distill`` build writes;
+                  "match" the matched beta only; "head" one mass beta per head (the v2 adapter's training)
     scorer_epochs, scorer_lr: the entry scorer's fit
     """
 
@@ -70,7 +71,7 @@ class TrainConfig:
     targets: int = 64
     scorer_epochs: int = 60
     scorer_lr: float = 2e-3
-    beta: str = "head"
+    fit: str = "build"
 
     def __post_init__(self) -> None:
         lo, hi = (float(x) for x in self.keep_range)
@@ -88,8 +89,8 @@ class TrainConfig:
         if self.scorer == "entry" and (self.targets < 2 and self.targets != 0):
             raise ConfigError(f"--targets {self.targets}: the entry scorer is fitted to at least 2 windows "
                               "(or 0 with --init: keep the initial adapter's scorer)")
-        if self.beta not in BETAS:
-            raise ConfigError(f"--beta {self.beta!r}: one of {', '.join(BETAS)}")
+        if self.fit not in FITS:
+            raise ConfigError(f"--fit {self.fit!r}: one of {', '.join(FITS)}")
         self.mix = parse_mix(self.mix)
 
     def keep_at(self, step: int) -> float:
@@ -141,7 +142,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, history, scorer_fit = 0, [], None
     if resume:
-        state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha, added={"beta": "head"})
+        state = load_checkpoint(checkpoint, cfg.resumable(), corpus_sha, added={"fit": "head"})
         dm.load_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, scorer_fit = state["step"], state["history"], state.get("scorer_fit")
@@ -151,8 +152,8 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
               "compute_dtype": lm.compute_dtype, "base_model": lm.info.name}
     t_fit = time.perf_counter()
     if entry and scorer_fit is None:  # phase 1: the scorer, fitted to the replay's attribution (resumable targets)
-        if cfg.targets == 0:  # a fine-tune that keeps its initial adapter's scorer
-            scorer_fit = {"kept": init_sha}
+        if cfg.targets == 0:  # a fine-tune that keeps its initial adapter's scorer, and the record of its fit
+            scorer_fit = {"kept_from": init_sha, **adapter_record(resolve_adapter(init)).get("scorer_fit", {})}
         else:
             items = compute_targets(lm, make, cfg.targets, dm.cfg.first_layer, cfg.seed, out, progress)
             scorer_fit = fit_scorer(dm.scorer, items, epochs=cfg.scorer_epochs, lr=cfg.scorer_lr, seed=cfg.seed,
@@ -180,7 +181,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = student_loss(dm, ex, teacher_of[1], keep, cfg.rank_weight, cfg.beta)
+        loss, parts = student_loss(dm, ex, teacher_of[1], keep, cfg.rank_weight, cfg.fit)
         if not torch.isfinite(loss):
             bar.close()
             _plot(out, history)

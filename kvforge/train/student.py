@@ -8,8 +8,10 @@ segment and its answer). Both passes run it in one forward with kvforge's traini
   student: -inf on the dropped entries and, on the kept ones, as the runtime applies an artifact's
   ``beta``: with a token scorer ``log sigmoid(score)`` in every layer and head; with an entry scorer each
   (layer, head) its own kept set and either the mass its dropped entries had, :func:`mass_beta`
-  (``beta="head"``), or each kept entry's own beta fitted as the build fits it, :func:`matched_bias`
-  (``beta="match"``)) and causally to the probe.
+  (``fit="head"``), or each kept entry's own beta fitted as the build fits it, :func:`matched_bias`
+  (``fit="match"``), and with ``fit="build"`` also the kept entries' values refitted under it, as the
+  build refits them, :func:`refit_kept_values`: the student then reads the cache a ``distill`` build
+  writes) and causally to the probe.
 
 In the student, the kept document tokens also run through the LoRA-adapted projections (layers from
 ``first_layer`` on; with an entry scorer, in each layer the tokens some head of it keeps), so that their
@@ -65,7 +67,7 @@ class Teacher:
     importance: torch.Tensor
 
 
-BETAS = ("head", "match")  # the entry scorer's beta in training: one per head, or fitted per kept entry
+FITS = ("head", "match", "build")  # what the entry scorer's kept entries get in training (student_loss)
 
 
 class _Pass:
@@ -75,12 +77,15 @@ class _Pass:
     causal 0 / -inf block over the probe)."""
 
     def __init__(self, context: int, bias: torch.Tensor | None = None, record_rows: slice | None = None,
-                 kept: torch.Tensor | None = None, reference: int = 0, device=None, match=None):
+                 kept: torch.Tensor | None = None, reference: int = 0, device=None, match=None,
+                 refit: bool = False):
         self.context = context  # T
         self.bias = bias
         self.kept = kept
         self.reference = reference
         self.match = match
+        self.refit = refit  # with match: the kept values refitted as the build refits them (refit_kept_values)
+        self.layer: tuple | None = None  # the current layer's (reference queries (H, M, D), doc bias (H, T))
         self.record_rows = record_rows  # probe rows whose attention over the document is summed (teacher)
         self.record = torch.zeros(context, device=device) if record_rows is not None else None
 
@@ -93,7 +98,9 @@ class _Pass:
         kept = self.kept[layer]  # (H, T)
         group = query.shape[1] // key.shape[1]
         if self.match is not None:
-            doc = matched_bias(query[0, :, :T].detach(), key[0, :, :T].detach(), kept, scale, self.match)
+            ref = reference_queries(query[0, :, :T].detach(), key.shape[1], self.match)
+            doc = matched_bias(ref, key[0, :, :T].detach(), kept, scale)
+            self.layer = (ref, doc)
         else:
             beta = torch.zeros(kept.shape[0], device=query.device)
             if self.reference > 0:
@@ -127,24 +134,33 @@ def mass_beta(queries: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, sca
 
 
 @torch.no_grad()
-def matched_bias(queries: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, scale: float, model,
-                 seed: int = 0) -> torch.Tensor:
-    """(H, T) float32: each kept entry's matched beta, -inf on the dropped ones (no gradient).
+def reference_queries(queries: torch.Tensor, kv_heads: int, model, seed: int = 0) -> torch.Tensor:
+    """(H, M, D) float32 on the CPU: the build's reference queries for the matched beta and the refit.
 
-    queries: (Hq, T, D) the document's post-RoPE queries; keys: (H, T, D) post-RoPE; kept: (H, T) bool;
-    ``model`` the HF model (its rotary). As the build (:meth:`kvforge.methods.distill.Distill` with
-    ``match=1``): its number of seeded document queries (``MATCH_SAMPLES``) rotated to the document's end
-    (:func:`kvforge.methods.fit.sample_reference`), and per KV head the least-squares weights with which
-    the kept entries carry the full document's mass for them (:func:`kvforge.methods.fit.match_mass`).
-    Computed on the CPU, as the build does.
+    queries: (Hq, T, D) the document's post-RoPE queries; ``model`` the HF model (its rotary). As the build
+    (:class:`kvforge.methods.distill.Distill`): ``MATCH_SAMPLES`` seeded document queries rotated to the
+    document's end, a KV head's group of query heads together (:func:`kvforge.methods.fit.sample_reference`).
     """
     from ..methods.distill import MATCH_SAMPLES
-    from ..methods.fit import match_mass, sample_reference
+    from ..methods.fit import sample_reference
+
+    T = queries.shape[1]
+    return sample_reference(queries.float().cpu()[None], torch.arange(T), T, kv_heads, model, MATCH_SAMPLES,
+                            "end", seed).queries[0]
+
+
+@torch.no_grad()
+def matched_bias(ref: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+    """(H, T) float32: each kept entry's matched beta, -inf on the dropped ones (no gradient).
+
+    ref: (H, M, D) :func:`reference_queries`; keys: (H, T, D) post-RoPE; kept: (H, T) bool. Per KV head the
+    least-squares weights with which the kept entries carry the full document's mass for the reference
+    (:func:`kvforge.methods.fit.match_mass`), as ``distill:match=1`` builds (on the CPU, as the build does).
+    """
+    from ..methods.fit import match_mass
 
     H, T, _ = keys.shape
-    k = keys.float().cpu()
-    ref = sample_reference(queries.float().cpu()[None], torch.arange(T), T, H, model, MATCH_SAMPLES, "end", seed)
-    logits = torch.einsum("hmd,htd->hmt", ref.queries[0], k) * scale  # (H, M, T)
+    logits = torch.einsum("hmd,htd->hmt", ref, keys.float().cpu()) * scale  # (H, M, T)
     lse = torch.logsumexp(logits, dim=-1)  # (H, M): the full document's log-mass
     bias = torch.full((H, T), float("-inf"))
     mask = kept.cpu()
@@ -153,6 +169,32 @@ def matched_bias(queries: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor, 
         if len(idx):
             bias[h, idx] = match_mass(logits[h][:, idx], lse[h])
     return bias.to(keys.device)
+
+
+def refit_kept_values(ref: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float,
+                      ridge: float) -> torch.Tensor:
+    """(H, T, D) float32: ``values`` with every head's kept entries (finite ``bias``) refitted as the build's
+    value refit does (:func:`kvforge.methods.select_fit.refit_values` under the matched beta), with autograd.
+
+    ref: (H, M, D) reference queries; keys, values: (H, T, D) the student's document entries; bias: (H, T)
+    from :func:`matched_bias`. The targets (the whole document's outputs for the reference) and the
+    starting values carry gradients; the kept entries' attention weights are taken as constants (the
+    probe's own logits already give the keys theirs). Computed on the CPU, as the build does.
+    """
+    from ..methods.fit import fit_values
+
+    k, v, b = keys.float().cpu(), values.float().cpu(), bias.cpu()
+    logits = torch.einsum("hmd,htd->hmt", ref, k) * scale  # (H, M, T)
+    target = torch.einsum("hmt,htd->hmd", torch.softmax(logits, dim=-1), v)  # (H, M, D): the full document's output
+    heads = []
+    for h in range(k.shape[0]):
+        idx = torch.isfinite(b[h]).nonzero()[:, 0]
+        new = v[h]
+        if len(idx):
+            probs = torch.softmax(logits[h][:, idx].detach() + b[h, idx], dim=-1)  # (M, n)
+            new = new.index_put((idx,), fit_values(probs, target[h], v[h, idx], ridge))
+        heads.append(new)
+    return torch.stack(heads).to(values.device)
 
 
 def _train_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -167,6 +209,12 @@ def _train_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     doc = F.scaled_dot_product_attention(query[:, :, :T], k[:, :, :T], v[:, :, :T], is_causal=True, scale=scale)
     bias = p.probe_bias(module.layer_idx, query, key, scale)
+    if p.refit and p.layer is not None:  # the probe reads the kept entries' refitted values, as from an artifact
+        from ..methods.distill import REFIT_RIDGE
+
+        ref, doc_bias = p.layer
+        fitted = refit_kept_values(ref, key[0, :, :T], value[0, :, :T], doc_bias, scale, REFIT_RIDGE)  # (H, T, D)
+        v = torch.cat([fitted.to(v.dtype)[None].repeat_interleave(group, dim=1), v[:, :, T:]], dim=2)
     logits = torch.matmul(query[:, :, T:], k.transpose(-1, -2)) * scale + bias.to(query.dtype)  # (1, Hq, m, S)
     probs = torch.softmax(logits.float(), dim=-1)
     if p.record is not None:
@@ -294,9 +342,10 @@ def mixed_kl(p_log: torch.Tensor, q_log: torch.Tensor, forward: float = FORWARD_
 
 
 def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: float,
-                 beta: str = "head") -> tuple[torch.Tensor, dict]:
-    """The student's loss on one example at ``keep``: (loss with its graph, its parts as floats). ``beta``
-    (entry scorer): "head" the per-head mass beta, "match" each kept entry's matched beta (module docstring)."""
+                 fit: str) -> tuple[torch.Tensor, dict]:
+    """The student's loss on one example at ``keep``: (loss with its graph, its parts as floats). ``fit``
+    (entry scorer, :data:`FITS`): "head" the per-head mass beta, "match" each kept entry's matched beta,
+    "build" the matched beta and the kept values refitted under it (module docstring)."""
     global _active
     T, m = len(ex.context), len(ex.probe)
     device = next(dm.model.parameters()).device
@@ -307,7 +356,8 @@ def student_loss(dm, ex: Example, teacher: Teacher, keep: float, rank_weight: fl
             scores = dm.scorer(teacher.hidden.to(device))  # (L, H, T)
         kept = select_entries(scores, round(keep * scores.numel()), cfg.sink, cfg.recent)
         route = torch.cat([route_of(kept), torch.zeros(kept.shape[0], m, device=device)], dim=1)  # (L, T + m)
-        layout = _Pass(T, kept=kept, reference=cfg.reference, match=dm.model if beta == "match" else None)
+        layout = _Pass(T, kept=kept, reference=cfg.reference, match=None if fit == "head" else dm.model,
+                       refit=fit == "build")
     else:
         scores = dm.scorer(teacher.hidden.to(device))  # (T,)
         kept = select_tokens(scores, round(keep * T), cfg.sink, cfg.recent)

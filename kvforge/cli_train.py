@@ -69,7 +69,7 @@ def distill(sources, out, model, steps, context, scorer, targets, fit, keep_rang
     the text; cached in OUT) is what it learns to predict from an early layer. Then the LoRA adapter, on
     examples generated from the documents alone (recall probes, facts the text states, planted facts),
     the dense cache's answers the teacher. A checkpoint is written every 25 steps: after a kill, rerun
-    with --resume. The default run takes about 30 minutes on 2 CPU cores.
+    with --resume. The default run takes about 35 minutes on 2 CPU cores.
     """
     from .train import distill as run
 

@@ -73,8 +73,8 @@ FITS = ("head", "match", "build")  # what the entry scorer's kept entries get in
 class _Pass:
     """One forward's layout. bias: (m, S) additive bias of the probe rows, shared by every layer and head; or
     kept: (L, H, T) bool, each (layer, KV head) its own kept entries, with the mass beta of ``reference``
-    document rows, or with ``match`` (the HF ``model``, for the rotary) each entry's matched beta (and a
-    causal 0 / -inf block over the probe)."""
+    document rows, or with ``match`` (the HF ``model``, for the rotary) each entry's matched beta, and with
+    ``refit`` their values refitted under it (and a causal 0 / -inf block over the probe)."""
 
     def __init__(self, context: int, bias: torch.Tensor | None = None, record_rows: slice | None = None,
                  kept: torch.Tensor | None = None, reference: int = 0, device=None, match=None,

@@ -209,6 +209,8 @@ def test_a_fine_tune_keeps_the_init_adapters_shape(tiny_llama, tiny_adapter, cor
 
 
 def test_targets_0_keeps_the_init_adapters_scorer_and_trains_the_lora(tiny_llama, tiny_adapter, corpus, tmp_path):
+    from safetensors.torch import load_file
+
     with pytest.raises(ConfigError, match="--targets 0 keeps the --init adapter's scorer"):
         distill([str(corpus)], tmp_path / "f", model=str(tiny_llama), steps=1, context=128, targets=0, progress=False)
     with pytest.raises(ConfigError, match="--fit 'mass'"):
@@ -219,8 +221,6 @@ def test_targets_0_keeps_the_init_adapters_scorer_and_trains_the_lora(tiny_llama
                   lr=3e-3, init=str(tiny_adapter), progress=False)
     init_fit = json.loads((Path(tiny_adapter) / "kvforge-distill.json").read_text())["training"]["scorer_fit"]
     assert run["scorer_fit"] == {"kept_from": run["init"], **init_fit} and run["settings"]["fit"] == "match"
-    from safetensors.torch import load_file
-
     for name, same in (("scorer.safetensors", True), ("adapter_model.safetensors", False)):
         before, after = load_file(Path(tiny_adapter) / name), load_file(tmp_path / "g" / name)
         assert before.keys() == after.keys()

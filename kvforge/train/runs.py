@@ -67,8 +67,14 @@ def load_checkpoint(checkpoint: Path, settings: dict, corpus_sha: str, added: di
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state["settings"] = {**(added or {}), **state["settings"]}
     if state["settings"] != settings or state["corpus_sha256"] != corpus_sha:
-        raise TrainingError(f"{checkpoint} is a run with other settings or another corpus "
-                            f"({state['settings']}); resume with the same ones, or choose another -o")
+        saved = state["settings"]
+        keys = sorted(saved.keys() | settings.keys())
+        differ = [f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in keys
+                  if saved.get(k) != settings.get(k)]
+        if state["corpus_sha256"] != corpus_sha:
+            differ.append("the corpus (its sha256)")
+        raise TrainingError(f"{checkpoint} is a run with other settings or another corpus ({'; '.join(differ)}); "
+                            "resume with the same ones, or choose another -o")
     return state
 
 

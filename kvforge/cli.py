@@ -69,7 +69,7 @@ def cli():
                    "[default: 0.1]; smaller keeps more")
 @click.option("--allocate", default="uniform", show_default=True, type=click.Choice(ALLOCATIONS),
               help="per-head budgets: the method's own split, or redistributed toward hard heads from a "
-                   "cheap pilot run (same total)")
+                   "cheap pilot run (same total; not for distill, whose scorer's own split measured far better)")
 @click.option("--model", envvar="KVFORGE_MODEL", default=None, help=MODEL_HELP)
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(STORAGE_DTYPES),
               help="storage dtype of keys and values")

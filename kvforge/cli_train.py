@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli_options import MODEL_HELP, device_options, emit_json
+from .cli_options import MODEL_HELP, TRAINING_DTYPE_HELP, device_options, emit_json
 from .errors import ConfigError
 
 
@@ -60,7 +60,7 @@ def train():
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
-@device_options
+@device_options(dtype_help=TRAINING_DTYPE_HELP)
 def distill(sources, out, model, steps, context, scorer, targets, fit, keep_range, init, lr, mix, seed, resume,
             as_json, no_progress, device, compute_dtype):
     """Train a KV-Distill adapter (a scorer + LoRA routed to the kept tokens) on SOURCES.
@@ -69,7 +69,8 @@ def distill(sources, out, model, steps, context, scorer, targets, fit, keep_rang
     the text; cached in OUT) is what it learns to predict from an early layer. Then the LoRA adapter, on
     examples generated from the documents alone (recall probes, facts the text states, planted facts),
     the dense cache's answers the teacher. A checkpoint is written every 25 steps: after a kill, rerun
-    with --resume. The default run takes about 35 minutes on 2 CPU cores.
+    with --resume. On 2 CPU cores a fine-tune from the shipped adapter at the defaults took 27 minutes with
+    the model in bfloat16 (auto on a CPU with native bfloat16), 33 in float32.
     """
     from .train import distill as run
 

@@ -31,6 +31,18 @@ def test_auto_is_cpu_here_and_float32_on_cpu(monkeypatch):
     assert devices.resolve_device(None) == "cpu" and devices.resolve_compute_dtype(None, "cpu") == "bfloat16"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_computes_in_bfloat16_only_on_a_cpu_that_has_it(monkeypatch, native):
+    monkeypatch.delenv(devices.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(devices, "cpu_has_bfloat16", lambda: native)
+    assert devices.training_compute_dtype(None, "cpu") == ("bfloat16" if native else "float32")
+    assert devices.training_compute_dtype("auto", "cpu") == devices.training_compute_dtype(None, "cpu")
+    assert devices.training_compute_dtype("float32", "cpu") == "float32"  # asked for: kept
+    monkeypatch.setenv(devices.DTYPE_ENV, "float32")
+    assert devices.training_compute_dtype(None, "cpu") == "float32"
+    assert devices.resolve_compute_dtype(None, "cpu") == "float32"  # answering is not training
+
+
 def test_cuda_without_cuda_names_what_exists():
     with pytest.raises(DeviceError, match=r"device 'cuda' was asked but this machine has no CUDA GPU.*available: cpu"):
         devices.resolve_device("cuda")

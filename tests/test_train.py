@@ -344,11 +344,17 @@ def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
 
     from kvforge.cli import cli
 
+    from safetensors.torch import load_file
+
     out = tmp_path / "cli"
     result = CliRunner().invoke(cli, ["train", "distill", str(corpus), "-o", str(out), "--model", str(tiny_llama),
-                                      "--steps", "2", "--context", "128", "--targets", "3", "--json"])
+                                      "--steps", "2", "--context", "128", "--targets", "3", "--json",
+                                      "--compute-dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["steps_run"] == 2
+    record = json.loads(result.output)
+    assert record["steps_run"] == 2 and record["compute_dtype"] == "bfloat16"
+    for name in ("adapter_model.safetensors", "scorer.safetensors"):  # the model computed in bfloat16, not these
+        assert {v.dtype for v in load_file(str(out / name)).values()} == {torch.float32}, name
     bad = CliRunner().invoke(cli, ["train", "distill", str(corpus), "-o", str(tmp_path / "bad"), "--model",
                                    str(tiny_llama), "--keep-range", "0.5,2"])
     assert bad.exit_code == 2 and "keep-range" in bad.output

@@ -118,6 +118,7 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     Raises KvforgeError on bad input before the first step, and TrainingError at a step whose loss is not
     finite (the last good checkpoint is kept).
     """
+    from ..devices import resolve_device, training_compute_dtype
     from ..model import load_model
 
     if init is not None:  # an unknown --init fails before the model loads; its rank and scorer are the run's
@@ -126,7 +127,8 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     if cfg.scorer == "entry" and cfg.targets == 0 and init is None:
         raise ConfigError("--targets 0 keeps the --init adapter's scorer: pass --init, or fit a scorer (--targets 64)")
     out = Path(out)
-    lm = load_model(model, device=device, compute_dtype=compute_dtype)
+    device = resolve_device(device)
+    lm = load_model(model, device=device, compute_dtype=training_compute_dtype(compute_dtype, device))
     texts, corpus_sha = training_corpus(sources)
     windows, short = make_windows(lm, texts, cfg.context)
     checkpoint = check_run_dir(out, resume, CONFIG_FILE, "adapter")

@@ -69,8 +69,8 @@ def distill(sources, out, model, steps, context, scorer, targets, fit, keep_rang
     the text; cached in OUT) is what it learns to predict from an early layer. Then the LoRA adapter, on
     examples generated from the documents alone (recall probes, facts the text states, planted facts),
     the dense cache's answers the teacher. A checkpoint is written every 25 steps: after a kill, rerun
-    with --resume. On 2 CPU cores a fine-tune from the shipped adapter at the defaults took 27 minutes with
-    the model in bfloat16 (auto on a CPU with native bfloat16), 33 in float32.
+    with --resume. On 2 CPU cores, with the model in bfloat16 (auto on a CPU with native bfloat16), the
+    default run on examples/corpus took 25 minutes and a fine-tune from the shipped adapter 27 (33 in float32).
     """
     from .train import distill as run
 

@@ -79,11 +79,16 @@ def resolve_device(spec: str | None = None) -> str:
     return f"cuda:{i}"
 
 
+def _dtype_spec(spec: str | None) -> str:
+    """``None`` or "" -> ``$KVFORGE_COMPUTE_DTYPE`` or ``auto``; lower-cased."""
+    return str(spec if spec not in (None, "") else os.environ.get(DTYPE_ENV) or AUTO).strip().lower()
+
+
 def resolve_compute_dtype(spec: str | None, device: str) -> str:
     """``None`` -> ``$KVFORGE_COMPUTE_DTYPE`` or ``auto``; a dtype name from :data:`options.COMPUTE_DTYPES`
     that ``device`` runs (checked with a small matrix product there)."""
     torch = _torch()
-    spec = str(spec if spec not in (None, "") else os.environ.get(DTYPE_ENV) or AUTO).strip().lower()
+    spec = _dtype_spec(spec)
     check_choice("compute dtype", spec, (AUTO,) + COMPUTE_DTYPES)
     if spec == AUTO:
         if device.startswith("cuda"):
@@ -105,7 +110,7 @@ def cpu_has_bfloat16() -> bool:
 def training_compute_dtype(spec: str | None, device: str) -> str:
     """As :func:`resolve_compute_dtype`, for a training run (``kvforge train distill``): ``auto`` on a CPU
     with native bfloat16 arithmetic is :data:`CPU_TRAINING_DTYPE`."""
-    spec = str(spec if spec not in (None, "") else os.environ.get(DTYPE_ENV) or AUTO).strip().lower()
+    spec = _dtype_spec(spec)
     if spec == AUTO and device == "cpu" and cpu_has_bfloat16():
         spec = CPU_TRAINING_DTYPE
     return resolve_compute_dtype(spec, device)

@@ -115,6 +115,8 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     ``settings`` are :class:`TrainConfig` fields (steps, context, keep_range, lr, mix, seed, ...).
     ``init``: an adapter to start from ("shipped" or a directory: domain fine-tuning). ``resume``: continue
     the run whose checkpoint is in ``out`` (the same settings; ``steps`` may be raised).
+    ``device`` / ``compute_dtype``: as :func:`kvforge.model.load_model`, except that an auto dtype on a CPU with
+    native bfloat16 is bfloat16 (:func:`kvforge.devices.training_compute_dtype`; the trained weights stay float32).
     Raises KvforgeError on bad input before the first step, and TrainingError at a step whose loss is not
     finite (the last good checkpoint is kept).
     """

@@ -104,7 +104,8 @@ def resolve_compute_dtype(spec: str | None, device: str) -> str:
 def cpu_has_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), as torch's kernels detect it."""
     cpu = _torch().cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
 
 
 def training_compute_dtype(spec: str | None, device: str) -> str:

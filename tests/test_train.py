@@ -341,10 +341,9 @@ def test_the_runtime_never_loads_peft_or_the_training_side():
 
 def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
     from click.testing import CliRunner
+    from safetensors.torch import load_file
 
     from kvforge.cli import cli
-
-    from safetensors.torch import load_file
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(cli, ["train", "distill", str(corpus), "-o", str(out), "--model", str(tiny_llama),

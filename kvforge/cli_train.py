@@ -124,7 +124,7 @@ def distill(sources, out, model, steps, context, scorer, targets, fit, keep_rang
 @click.option("--resume", is_flag=True, help="continue the run whose checkpoint is in OUT")
 @click.option("--json", "as_json", is_flag=True, help="print the run's record as JSON")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
-@device_options
+@device_options(dtype_help=TRAINING_DTYPE_HELP)
 def cat(sources, out, model, policy, keep_range, scope, steps, context, lr, recall, teacher, init, seed, resume,
         as_json, no_progress, device, compute_dtype):
     """Continue training a model on SOURCES so that its KV cache compresses better (KV-CAT).

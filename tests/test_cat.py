@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("peft", reason="kvforge train needs peft: pip install 'kvforge[train]'")
 
 from conftest import kill_at_first_checkpoint, write_training_corpus  # noqa: E402
+from kvforge import devices
 from kvforge.errors import ConfigError, IncompatibleModelError, InputError, TrainingError
 from kvforge.train import cat
 from kvforge.train.cat_train import CatConfig, CatStudent, step_loss
@@ -448,7 +449,9 @@ def test_the_cli_trains_and_refuses_clearly(tiny_llama, corpus, tmp_path):
                                       "--steps", "2", "--context", "128", "--policy", "random", "--teacher", "self",
                                       "--scope", "layer", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["steps_run"] == 2
+    record = json.loads(result.output)
+    assert record["steps_run"] == 2
+    assert record["compute_dtype"] == devices.training_compute_dtype(None, "cpu")  # bfloat16 where the CPU has it
     settings = json.loads((out / "kvforge-cat.json").read_text())["training"]["settings"]
     assert settings["policy"] == "random" and settings["teacher"] == "self" and settings["scope"] == "layer"
     bad = CliRunner().invoke(cli, ["train", "cat", str(corpus), "-o", str(tmp_path / "bad"), "--model",

@@ -307,14 +307,18 @@ def train_cat(sources, out, *, model=None, init: str | Path | None = None, resum
     (``embedded-cat`` or a directory: its LoRA continued, with a fresh optimizer and schedule, and the settings
     not given taken from its run, see :func:`inherited_settings`); a killed run resumes with the same
     arguments and ``resume=True``. Bad input raises KvforgeError before the first step; a loss that is not
-    finite raises TrainingError at its step (the last good checkpoint is kept).
+    finite raises TrainingError at its step (the last good checkpoint is kept). ``device`` / ``compute_dtype``:
+    as :func:`kvforge.model.load_model`, except that an auto dtype on a CPU with native bfloat16 is bfloat16
+    (:func:`kvforge.devices.training_compute_dtype`; the LoRA and the router stay float32).
     """
+    from ..devices import resolve_device, training_compute_dtype
     from ..model import load_model
 
     init_dir = resolve_init(init) if init is not None else None  # an unknown --init fails before the model loads
     cfg = CatConfig(**(inherited_settings(init_dir) | settings))
     out = Path(out)
-    lm = load_model(model, device=device, compute_dtype=compute_dtype)
+    device = resolve_device(device)
+    lm = load_model(model, device=device, compute_dtype=training_compute_dtype(compute_dtype, device))
     if lm.info.source == EMBEDDED_CAT or is_cat_dir(Path(lm.info.source)):
         raise ConfigError(f"--model {lm.info.source}: train cat continues a plain model; pass its base model instead")
     texts, corpus_sha = training_corpus(sources)

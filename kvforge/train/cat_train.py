@@ -48,7 +48,7 @@ from ..errors import ConfigError, FormatError, IncompatibleModelError, TrainingE
 from .cat_policy import POLICIES, SCOPES, Pass, Router, forward, install
 from .data import make_windows
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
-                   training_corpus, warmup_cosine, write_losses)
+                   training_corpus, training_model, warmup_cosine, write_losses)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TEACHERS = ("base", "self")
@@ -308,17 +308,12 @@ def train_cat(sources, out, *, model=None, init: str | Path | None = None, resum
     not given taken from its run, see :func:`inherited_settings`); a killed run resumes with the same
     arguments and ``resume=True``. Bad input raises KvforgeError before the first step; a loss that is not
     finite raises TrainingError at its step (the last good checkpoint is kept). ``device`` / ``compute_dtype``:
-    as :func:`kvforge.model.load_model`, except that an auto dtype on a CPU with native bfloat16 is bfloat16
-    (:func:`kvforge.devices.training_compute_dtype`; the LoRA and the router stay float32).
+    as :func:`kvforge.train.runs.training_model` (an auto dtype is bfloat16 on a CPU with native bfloat16).
     """
-    from ..devices import resolve_device, training_compute_dtype
-    from ..model import load_model
-
     init_dir = resolve_init(init) if init is not None else None  # an unknown --init fails before the model loads
     cfg = CatConfig(**(inherited_settings(init_dir) | settings))
     out = Path(out)
-    device = resolve_device(device)
-    lm = load_model(model, device=device, compute_dtype=training_compute_dtype(compute_dtype, device))
+    lm = training_model(model, device, compute_dtype)
     if lm.info.source == EMBEDDED_CAT or is_cat_dir(Path(lm.info.source)):
         raise ConfigError(f"--model {lm.info.source}: train cat continues a plain model; pass its base model instead")
     texts, corpus_sha = training_corpus(sources)

@@ -29,7 +29,7 @@ from .adapter import (CONFIG_FILE, SCORERS, DistillModel, default_config, load_a
                       resolve_adapter)
 from .data import ExampleMaker, make_windows, parse_mix
 from .runs import (check_run_dir, load_checkpoint, log_uniform, mean_last, nonfinite, plot_losses, save_checkpoint,
-                   training_corpus, warmup_cosine, write_losses)
+                   training_corpus, training_model, warmup_cosine, write_losses)
 from .student import FITS, install, student_loss, teacher_pass
 from .targets import TARGETS_FILE, compute_targets, fit_scorer
 
@@ -115,22 +115,18 @@ def distill(sources, out, *, model=None, init: str | None = None, resume: bool =
     ``settings`` are :class:`TrainConfig` fields (steps, context, keep_range, lr, mix, seed, ...).
     ``init``: an adapter to start from ("shipped" or a directory: domain fine-tuning). ``resume``: continue
     the run whose checkpoint is in ``out`` (the same settings; ``steps`` may be raised).
-    ``device`` / ``compute_dtype``: as :func:`kvforge.model.load_model`, except that an auto dtype on a CPU with
-    native bfloat16 is bfloat16 (:func:`kvforge.devices.training_compute_dtype`; the trained weights stay float32).
+    ``device`` / ``compute_dtype``: as :func:`kvforge.train.runs.training_model` (an auto dtype is bfloat16 on a
+    CPU with native bfloat16).
     Raises KvforgeError on bad input before the first step, and TrainingError at a step whose loss is not
     finite (the last good checkpoint is kept).
     """
-    from ..devices import resolve_device, training_compute_dtype
-    from ..model import load_model
-
     if init is not None:  # an unknown --init fails before the model loads; its rank and scorer are the run's
         settings = {**_init_shape(init, settings), **settings}
     cfg = TrainConfig(**settings)
     if cfg.scorer == "entry" and cfg.targets == 0 and init is None:
         raise ConfigError("--targets 0 keeps the --init adapter's scorer: pass --init, or fit a scorer (--targets 64)")
     out = Path(out)
-    device = resolve_device(device)
-    lm = load_model(model, device=device, compute_dtype=training_compute_dtype(compute_dtype, device))
+    lm = training_model(model, device, compute_dtype)
     texts, corpus_sha = training_corpus(sources)
     windows, short = make_windows(lm, texts, cfg.context)
     checkpoint = check_run_dir(out, resume, CONFIG_FILE, "adapter")

@@ -43,6 +43,17 @@ def training_corpus(sources) -> tuple[list[tuple[str, str]], str]:
     return [(d.id, d.text) for d in docs], digest
 
 
+def training_model(model, device: str | None, compute_dtype: str | None):
+    """The model a run trains: :func:`kvforge.model.load_model` on the resolved device, an auto dtype resolved by
+    :func:`kvforge.devices.training_compute_dtype` (bfloat16 on a CPU with native bfloat16; what is trained stays
+    float32)."""
+    from ..devices import resolve_device, training_compute_dtype
+    from ..model import load_model
+
+    device = resolve_device(device)
+    return load_model(model, device=device, compute_dtype=training_compute_dtype(compute_dtype, device))
+
+
 def check_run_dir(out: Path, resume: bool, final_file: str, what: str) -> Path:
     """The checkpoint path of a run into ``out``; refuses to overwrite a run or its result, or to resume nothing."""
     checkpoint = Path(out) / CHECKPOINT

@@ -111,7 +111,7 @@ def cpu_has_bfloat16() -> bool:
 
 
 def training_compute_dtype(spec: str | None, device: str) -> str:
-    """As :func:`resolve_compute_dtype`, for a training run (``kvforge train distill``): ``auto`` on a CPU
+    """As :func:`resolve_compute_dtype`, for a training run (``kvforge train distill`` or ``cat``): ``auto`` on a CPU
     with native bfloat16 arithmetic is :data:`CPU_TRAINING_DTYPE`."""
     spec = _dtype_spec(spec)
     if spec == AUTO and device == "cpu" and cpu_has_bfloat16():
